@@ -1,0 +1,71 @@
+"""txengine's ledger: a sharded, batched, double-entry engine on PostgreSQL.
+
+The public surface is small: open an Engine, submit commands, read accounts and
+history, close. Everything else in this package is how that is done.
+"""
+
+from engine.engine import Engine, EngineConfig
+from engine.errors import (
+    ClientError,
+    Conflict,
+    EngineError,
+    IdempotencyKeyInFlight,
+    InternalError,
+    InvalidCursor,
+    OutcomeUnknown,
+    Overloaded,
+    RetryableError,
+    Unavailable,
+)
+from engine.lanes import LaneConfig, Observer
+from engine.model import (
+    AccountKind,
+    AccountView,
+    Command,
+    CreateAccount,
+    CreateTransfers,
+    EntryKind,
+    EntryView,
+    Idempotency,
+    Page,
+    PostPending,
+    Result,
+    ResultCode,
+    TransferSpec,
+    TransferStatus,
+    TransferView,
+    VoidPending,
+)
+
+__all__ = [
+    "AccountKind",
+    "AccountView",
+    "ClientError",
+    "Command",
+    "Conflict",
+    "CreateAccount",
+    "CreateTransfers",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EntryKind",
+    "EntryView",
+    "Idempotency",
+    "IdempotencyKeyInFlight",
+    "InternalError",
+    "InvalidCursor",
+    "LaneConfig",
+    "Observer",
+    "OutcomeUnknown",
+    "Overloaded",
+    "Page",
+    "PostPending",
+    "Result",
+    "ResultCode",
+    "RetryableError",
+    "TransferSpec",
+    "TransferStatus",
+    "TransferView",
+    "Unavailable",
+    "VoidPending",
+]

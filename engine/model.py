@@ -1,0 +1,217 @@
+"""The ledger's nouns: accounts, transfers, entries, the commands that change them and
+the results those commands give.
+
+Everything here is plain data. Commands and results are msgspec structs because a
+result is stored, byte for byte, in the idempotency record of the request that caused
+it and decoded again on a retry.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Final
+
+import msgspec
+
+from engine.currency import CURRENCY_EXPONENTS
+
+INT64_MAX: Final = 2**63 - 1
+IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
+METADATA_KEYS_MAX: Final = 20
+METADATA_KEY_LENGTH_MAX: Final = 40
+METADATA_VALUE_LENGTH_MAX: Final = 500
+LINKED_TRANSFERS_MAX: Final = 64
+HOLD_TIMEOUT_S_MAX: Final = 30 * 24 * 3600
+
+Metadata = dict[str, str]
+
+
+class AccountKind(enum.StrEnum):
+    USER = "user"  # a person's wallet: may never go below zero
+    MERCHANT = "merchant"  # a shop, biller or platform: may never go below zero
+    SYSTEM = "system"  # the house's own books (bank clearing, fees): may go negative
+
+
+class TransferStatus(enum.StrEnum):
+    PENDING = "pending"  # a hold: the debit account's money is reserved, not moved
+    POSTED = "posted"  # money moved (an immediate transfer, or a hold posted in full or part)
+    VOIDED = "voided"  # a hold released on request; nothing moved
+    EXPIRED = "expired"  # a hold released by the sweeper when its timeout passed
+
+
+class EntryKind(enum.StrEnum):
+    TRANSFER = "transfer"  # an immediate transfer moved posted money
+    HOLD = "hold"  # a pending transfer reserved money
+    POST = "post"  # a hold was posted: pending released, posted moved
+    VOID = "void"  # a hold was voided: pending released
+    EXPIRE = "expire"  # a hold timed out: pending released
+
+
+class ResultCode(enum.StrEnum):
+    """Why a command failed, or OK. These are business outcomes, stored and replayed."""
+
+    OK = "ok"
+    ACCOUNT_NOT_FOUND = "account_not_found"
+    ACCOUNTS_MUST_DIFFER = "accounts_must_differ"
+    CURRENCY_MISMATCH = "currency_mismatch"
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    OVERFLOW = "overflow"
+    LINKED_TRANSFER_FAILED = "linked_transfer_failed"
+    TRANSFER_NOT_FOUND = "transfer_not_found"
+    TRANSFER_NOT_PENDING = "transfer_not_pending"
+    TRANSFER_ALREADY_RESOLVED = "transfer_already_resolved"
+    PENDING_TRANSFER_EXPIRED = "pending_transfer_expired"
+    POST_AMOUNT_EXCEEDS_PENDING = "post_amount_exceeds_pending"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+
+
+def is_known_currency(code: str) -> bool:
+    return code in CURRENCY_EXPONENTS
+
+
+# ---------------------------------------------------------------------------------------
+# Commands. `scope` is the caller the command acts for: it sees only its own accounts and
+# transfers. None is the operator (the sweeper, the CLI), which sees everything.
+
+
+class CreateAccount(msgspec.Struct, frozen=True, kw_only=True, tag="create_account"):
+    currency: str
+    kind: AccountKind
+    metadata: Metadata = msgspec.field(default_factory=dict)
+    scope: str | None = None
+
+
+class TransferSpec(msgspec.Struct, frozen=True, kw_only=True):
+    debit_account_id: int
+    credit_account_id: int
+    amount_minor: int
+    currency: str
+    pending: bool = False
+    timeout_s: int | None = None  # holds only: void automatically this long after creation
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+
+class CreateTransfers(msgspec.Struct, frozen=True, kw_only=True, tag="create_transfers"):
+    """One transfer, or a linked group whose transfers succeed or fail together."""
+
+    transfers: tuple[TransferSpec, ...]
+    linked: bool = False
+    scope: str | None = None
+
+
+class PostPending(msgspec.Struct, frozen=True, kw_only=True, tag="post_pending"):
+    transfer_id: int
+    amount_minor: int | None = None  # None posts the whole hold; less releases the rest
+    scope: str | None = None
+
+
+class VoidPending(msgspec.Struct, frozen=True, kw_only=True, tag="void_pending"):
+    transfer_id: int
+    expired: bool = False  # set by the sweeper: the hold's timeout passed
+    scope: str | None = None
+
+
+Command = CreateAccount | CreateTransfers | PostPending | VoidPending
+
+
+class Idempotency(msgspec.Struct, frozen=True, kw_only=True):
+    """A request's idempotency key, scoped to its caller, and the fingerprint of its body."""
+
+    scope: str
+    key: str
+    fingerprint: bytes
+
+
+# ---------------------------------------------------------------------------------------
+# Views: what readers and results show.
+
+
+class AccountView(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    currency: str
+    kind: AccountKind
+    overdraft_allowed: bool
+    debits_posted_minor: int
+    credits_posted_minor: int
+    debits_pending_minor: int
+    credits_pending_minor: int
+    metadata: Metadata
+    created_at: datetime
+
+    @property
+    def posted_minor(self) -> int:
+        return self.credits_posted_minor - self.debits_posted_minor
+
+    @property
+    def pending_minor(self) -> int:
+        return self.credits_pending_minor - self.debits_pending_minor
+
+    @property
+    def available_minor(self) -> int:
+        # Incoming holds are not spendable yet; outgoing holds are already spoken for.
+        return self.credits_posted_minor - self.debits_posted_minor - self.debits_pending_minor
+
+
+class TransferView(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    debit_account_id: int
+    credit_account_id: int
+    currency: str
+    amount_minor: int
+    posted_amount_minor: int
+    status: TransferStatus
+    pending: bool
+    group_id: int | None
+    metadata: Metadata
+    expires_at: datetime | None
+    created_at: datetime
+    resolved_at: datetime | None
+
+
+class EntryView(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    account_id: int
+    transfer_id: int
+    kind: EntryKind
+    posted_delta_minor: int
+    pending_delta_minor: int
+    posted_after_minor: int
+    pending_after_minor: int
+    created_at: datetime
+
+
+class Result(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to one command. Stored in the idempotency record and replayed on retry.
+
+    code is OK, or the reason of the first failure; failed_index is the position of the
+    transfer that failed within a CreateTransfers command.
+    """
+
+    code: ResultCode
+    detail: str = ""
+    account: AccountView | None = None
+    transfers: tuple[TransferView, ...] = ()
+    failed_index: int | None = None
+    replayed: bool = False  # set on the way out when this answer came from the store
+
+    @property
+    def ok(self) -> bool:
+        return self.code is ResultCode.OK
+
+
+class Page(msgspec.Struct, frozen=True, kw_only=True):
+    entries: tuple[EntryView, ...]
+    has_more: bool
+
+
+RESULT_ENCODER: Final = msgspec.json.Encoder()
+RESULT_DECODER: Final = msgspec.json.Decoder(Result)
+
+
+def encode_result(result: Result) -> bytes:
+    return RESULT_ENCODER.encode(result)
+
+
+def decode_result(data: bytes) -> Result:
+    return RESULT_DECODER.decode(data)

@@ -1,0 +1,109 @@
+"""Background work over the same store: expire holds past their timeout, reap old
+idempotency keys.
+
+Each job is a `run_once()` over a bounded batch; the loop sleeps only when a batch came
+back short, so a backlog drains at full speed and an idle system costs one query per
+interval. All state is in the database, so a restart resumes where the last run stopped.
+Only one process sweeps at a time: the one holding a session advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from datetime import timedelta
+from typing import Final
+
+import asyncpg
+
+from engine import store
+from engine.engine import Engine
+from engine.errors import EngineError, translate_database_error
+from engine.model import VoidPending
+
+_log = logging.getLogger("txengine.sweeper")
+
+_LEADER_LOCK_KEY: Final = 0x7478_5357  # "txSW": one sweeper across all processes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SweeperConfig:
+    holds_batch_size_max: int = 500  # expired holds voided per run
+    keys_batch_size_max: int = 5_000  # idempotency keys deleted per run
+    interval_s: float = 1.0  # pause after a run that found less than a full batch
+    error_backoff_s: float = 5.0  # pause after a run that failed (database away)
+
+    def __post_init__(self) -> None:
+        assert 1 <= self.holds_batch_size_max <= 10_000
+        assert 1 <= self.keys_batch_size_max <= 100_000
+        assert 0 < self.interval_s <= 3600
+
+
+async def expire_holds_once(engine: Engine, *, limit: int) -> int:
+    """Void up to `limit` holds whose timeout has passed; return how many expired."""
+    async with engine.pool.acquire() as conn:
+        ids = await store.expired_hold_ids(conn, now=engine.clock(), limit=limit)
+    results = await asyncio.gather(
+        *(engine.submit(VoidPending(transfer_id=i, expired=True)) for i in ids)
+    )
+    # A hold posted or voided a moment before its expiry was swept is simply not expired.
+    return sum(1 for r in results if r.ok)
+
+
+async def reap_keys_once(engine: Engine, *, limit: int) -> int:
+    """Delete up to `limit` idempotency keys older than the retention; return how many."""
+    cutoff = engine.clock() - timedelta(seconds=engine.config.idempotency_retention_s)
+    async with engine.pool.acquire() as conn:
+        return await store.reap_idempotency_keys(conn, created_before=cutoff, limit=limit)
+
+
+class Sweeper:
+    def __init__(self, engine: Engine, *, config: SweeperConfig | None = None) -> None:
+        self._engine = engine
+        self._config = config or SweeperConfig()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        assert self._task is None
+        self._task = asyncio.create_task(self._run(), name="txengine-sweeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run_once(self) -> bool:
+        """One bounded pass of every job; True if any job filled its batch."""
+        config = self._config
+        expired = await expire_holds_once(self._engine, limit=config.holds_batch_size_max)
+        reaped = await reap_keys_once(self._engine, limit=config.keys_batch_size_max)
+        if expired or reaped:
+            _log.info("swept", extra={"holds_expired": expired, "keys_reaped": reaped})
+        return expired >= config.holds_batch_size_max or reaped >= config.keys_batch_size_max
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._lead()
+            except (EngineError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                _log.warning("sweeper paused: %s", translate_database_error(exc))
+            await asyncio.sleep(self._config.error_backoff_s)
+
+    async def _lead(self) -> None:
+        """Hold the leader lock on a connection of our own and sweep while we hold it."""
+        async with self._engine.pool.acquire() as leader:
+            got = await leader.fetchval("SELECT pg_try_advisory_lock($1)", _LEADER_LOCK_KEY)
+            if not got:
+                return
+            try:
+                while True:
+                    full = await self.run_once()
+                    if not full:
+                        await asyncio.sleep(self._config.interval_s)
+            finally:
+                with contextlib.suppress(Exception):
+                    await leader.execute("SELECT pg_advisory_unlock($1)", _LEADER_LOCK_KEY)
