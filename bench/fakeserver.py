@@ -17,6 +17,7 @@ import itertools
 import multiprocessing
 import signal
 from collections.abc import Sequence
+from typing import cast
 
 import orjson
 from aiohttp import web
@@ -65,8 +66,8 @@ class _RawProtocol(asyncio.Protocol):
     """Answers every complete request with RAW_ANSWER; knows only Content-Length."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
         self.buf = b""
 
     def data_received(self, data: bytes) -> None:

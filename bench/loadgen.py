@@ -44,7 +44,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bench.accounts import parse_account_ids, setup_accounts, setup_hot_account
 
@@ -56,6 +56,7 @@ AMOUNT_MINOR_MAX = 5
 BODY_RING_SIZE = 1 << 16
 ERROR_SAMPLES_MAX = 5
 ERROR_SAMPLE_CHARS_MAX = 300
+TICK_MIN_S = 0.001
 RECONNECT_ATTEMPTS_MAX = 20
 RECONNECT_BACKOFF_S = 0.1
 # Spawned workers need time to import and connect before a common start.
@@ -197,8 +198,8 @@ class _Conn(asyncio.Protocol):
         self.lost_reason = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
 
     def send(self, data: bytes, t0: float) -> None:
         assert self.transport is not None
@@ -267,6 +268,8 @@ class _Run:
         self.reconnecting = 0
         self.stopped = False
         self.last_answer = 0.0
+        # Open loop: how late the ticker got to a due request, the generator's own lag.
+        self.schedule_lag_max_s = 0.0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -384,13 +387,17 @@ class _Run:
                 now = _perf()
                 t_next = t_start + n * interval_s
                 # Catch up on everything already due: a late wake-up must not thin the load.
+                if t_next <= now and self.measured(t_next):
+                    self.schedule_lag_max_s = max(self.schedule_lag_max_s, now - t_next)
                 while t_next <= now and t_next < self.t_end:
                     self.issue(t_next)
                     n += 1
                     t_next = t_start + n * interval_s
                 if t_next >= self.t_end:
                     return
-                await asyncio.sleep(t_next - now)
+                # Event-loop timers are millisecond-grained (uvloop rounds shorter sleeps to
+                # zero and would spin), so wake at most once a millisecond and send in bursts.
+                await asyncio.sleep(max(t_next - now, TICK_MIN_S))
         finally:
             self.scheduling = False
             self.check_done()
@@ -438,6 +445,9 @@ class LoadResult:
     ok_per_s: float
     latency_ms: dict[str, float]  # p50, p90, p99, p999, max, mean
     error_samples: list[str]
+    # Open loop: the worst delay between a request falling due and the generator issuing
+    # it; a large value means the generator, not the server, fell behind.
+    schedule_lag_max_ms: float
     loadgen_cpu_s: float  # CPU (user + system) the load generator spent while loading
     wall_s: float
     processes: int = 1
@@ -497,6 +507,7 @@ def _summarise(
         "ok_per_s": run.ok / window_s,
         "latency_ms": latency_summary_ms(run.lat),
         "error_samples": run.samples,
+        "schedule_lag_max_ms": run.schedule_lag_max_s * 1e3,
         "latencies_s": run.lat,
     }
 
@@ -528,6 +539,7 @@ def merge_results(results: Sequence[LoadResult]) -> LoadResult:
         ok_per_s=ok / window_s,
         latency_ms=latency_summary_ms(latencies),
         error_samples=[s for r in results for s in r.error_samples][:ERROR_SAMPLES_MAX],
+        schedule_lag_max_ms=max(r.schedule_lag_max_ms for r in results),
         loadgen_cpu_s=sum(r.loadgen_cpu_s for r in results),
         wall_s=max(r.wall_s for r in results),
         processes=sum(r.processes for r in results),
@@ -557,6 +569,8 @@ def format_table(result: LoadResult) -> str:
             f"{result.processes} process(es)",
         ),
     ]
+    if result.mode == "open":
+        rows.append(("schedule lag ms", f"max {result.schedule_lag_max_ms:.2f} (generator's own)"))
     lines = [f"{name:<17}{value}" for name, value in rows]
     lines += [f"  sample {s}" for s in result.error_samples]
     return "\n".join(lines)

@@ -28,6 +28,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -177,7 +178,8 @@ class EmbeddedPostgres:
             postmaster = self._start_postmaster()
         self._port = postmaster.port
         self._ensure_database()
-        self._dsn = f"postgresql://{_SUPERUSER}@{_HOST}:{self._port}/{self._database}"
+        database = urllib.parse.quote(self._database, safe="")  # a name is not a URL path
+        self._dsn = f"postgresql://{_SUPERUSER}@{_HOST}:{self._port}/{database}"
         return self._dsn
 
     def stop(self, *, mode: str = "fast") -> None:

@@ -1,0 +1,1 @@
+"""txengine HTTP gateway: turns HTTP into engine commands, and results back into HTTP."""

@@ -1,0 +1,112 @@
+"""Assembles the aiohttp application: routes, the edge middleware, background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+
+from engine import Engine
+from gateway import metrics
+from gateway.commands import ENGINE
+from gateway.problems import ProblemError, problem
+from gateway.routes import ROUTES
+from gateway.settings import Settings
+
+REQUEST_ID_HEADER: Final = "X-Request-Id"
+_REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_LANE_DEPTH_INTERVAL_S: Final = 1.0
+_HTTP_PROBLEMS: Final = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+_log = logging.getLogger("txengine.gateway")
+_access = logging.getLogger("txengine.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is not None and _REQUEST_ID_RE.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info
+    resource = info.route.resource if info.http_exception is None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler's response, or the problem document for whatever it raised."""
+    try:
+        return await handler(request)
+    except ProblemError as error:
+        return problem(error.code, detail=error.detail, instance=request.path, **error.extensions)
+    except web.HTTPException as error:
+        code = _HTTP_PROBLEMS.get(error.status)
+        if code is None:
+            raise
+        return problem(code, detail=error.reason, instance=request.path)
+    except Exception:
+        _log.exception("unhandled error", extra={"request_id": request["request_id"]})
+        return problem("internal_error", instance=request.path)
+
+
+def edge_middleware(*, access_log: bool) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = request["request_id"] = _request_id(request)
+        response = await _respond(request, handler)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        elapsed_s = time.perf_counter() - started
+        route = _route_name(request)
+        metrics.REQUESTS.labels(route, request.method, str(response.status)).inc()
+        metrics.REQUEST_LATENCY.labels(route).observe(elapsed_s)
+        if access_log:
+            _access.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status,
+                    "duration_ms": round(elapsed_s * 1000, 3),
+                },
+            )
+        return response
+
+    return edge
+
+
+async def _report_lane_depth(engine: Engine) -> None:
+    while True:
+        metrics.set_lane_depth(sum(engine.lane_depths()))
+        await asyncio.sleep(_LANE_DEPTH_INTERVAL_S)
+
+
+def make_app(engine: Engine, settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[edge_middleware(access_log=settings.access_log)],
+        client_max_size=settings.body_size_max_bytes,
+    )
+    app[ENGINE] = engine
+    app.add_routes(ROUTES)
+
+    async def lane_depth_reporter(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_report_lane_depth(engine))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(lane_depth_reporter)
+    return app

@@ -1,0 +1,97 @@
+"""Prometheus metrics: HTTP requests, lanes, batches, commits, transfers by result.
+
+With several gateway processes, prometheus-client's multiprocess mode is used
+(PROMETHEUS_MULTIPROC_DIR, set by `txengine serve` before any worker starts), so that
+/metrics on any worker shows the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prometheus_multiprocess
+
+from engine import EngineError, Result
+
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+_LATENCY_BUCKETS_S: Final = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
+_BATCH_SIZE_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+REQUESTS: Final = Counter(
+    "txengine_http_requests_total", "HTTP requests answered", ["route", "method", "status"]
+)
+REQUEST_LATENCY: Final = Histogram(
+    "txengine_http_request_duration_seconds",
+    "Time from request received to response ready",
+    ["route"],
+    buckets=_LATENCY_BUCKETS_S,
+)
+LANE_QUEUE_DEPTH: Final = Gauge(
+    "txengine_lane_queue_depth",
+    "Requests waiting in the lanes of a process",
+    multiprocess_mode="livesum",
+)
+BATCH_SIZE: Final = Histogram(
+    "txengine_batch_size", "Requests applied per database transaction", buckets=_BATCH_SIZE_BUCKETS
+)
+COMMIT_LATENCY: Final = Histogram(
+    "txengine_batch_commit_duration_seconds",
+    "Time to apply and commit one batch, retries included",
+    buckets=_LATENCY_BUCKETS_S,
+)
+RESULTS: Final = Counter(
+    "txengine_command_results_total", "Engine commands by kind of result", ["result"]
+)
+BATCH_FAILURES: Final = Counter(
+    "txengine_batch_failures_total", "Batches that failed as a whole", ["error"]
+)
+
+
+class EngineMetrics:
+    """The engine's Observer: counts what the lanes report."""
+
+    def __init__(self, lane_depths: Sequence[int] | None = None) -> None:
+        self._depths = lane_depths
+
+    def batch_committed(self, *, size: int, commit_s: float, results: Sequence[Result]) -> None:
+        BATCH_SIZE.observe(size)
+        COMMIT_LATENCY.observe(commit_s)
+        counts: dict[str, int] = {}
+        for result in results:
+            code = "replayed" if result.replayed else result.code.value
+            counts[code] = counts.get(code, 0) + 1
+        for code, count in counts.items():
+            RESULTS.labels(code).inc(count)
+
+    def batch_failed(self, *, size: int, error: EngineError) -> None:
+        BATCH_FAILURES.labels(type(error).__name__).inc()
+
+
+def set_lane_depth(depth_total: int) -> None:
+    LANE_QUEUE_DEPTH.set(depth_total)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text to answer /metrics with, and its content type."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    if os.environ.get(MULTIPROC_ENV):
+        prometheus_multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

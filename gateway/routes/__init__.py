@@ -1,0 +1,7 @@
+"""One module per resource; `ROUTES` lists every route the application serves."""
+
+from aiohttp import web
+
+from gateway.routes import accounts, system, transfers
+
+ROUTES: list[web.AbstractRouteDef] = [*accounts.ROUTES, *transfers.ROUTES, *system.ROUTES]

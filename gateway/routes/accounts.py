@@ -1,0 +1,96 @@
+"""/v1/accounts: open accounts, read their balances and their history."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import web
+
+from engine import CreateAccount, InvalidCursor, Result
+from engine.store import ENTRIES_PAGE_LIMIT_MAX
+from gateway.commands import ENGINE, caller_scope, submit
+from gateway.problems import ProblemError
+from gateway.routes._body import read_body
+from gateway.schemas import (
+    AccountCreate,
+    account_json,
+    check_account_create,
+    encode,
+    invalid,
+    page_json,
+    parse_id,
+)
+
+ENTRIES_PAGE_LIMIT_DEFAULT: Final = 20
+routes = web.RouteTableDef()
+
+
+def _render(result: Result) -> dict[str, object]:
+    assert result.account is not None
+    return account_json(result.account)
+
+
+@routes.post("/v1/accounts")
+async def create_account(request: web.Request) -> web.Response:
+    body = await read_body(request, AccountCreate)
+    check_account_create(body)
+    command = CreateAccount(
+        currency=body.currency,
+        kind=body.kind,
+        metadata=body.metadata,
+        scope=caller_scope(request),
+    )
+    return await submit(
+        request, command, operation="create_account", body=body, render=_render, status=201
+    )
+
+
+def _account_id(request: web.Request) -> int:
+    account_id = parse_id(request.match_info["account_id"])
+    if account_id is None:
+        raise ProblemError("account_not_found", detail="no such account")
+    return account_id
+
+
+@routes.get("/v1/accounts/{account_id}")
+async def get_account(request: web.Request) -> web.Response:
+    account_id = _account_id(request)
+    account = await request.app[ENGINE].account(account_id, scope=caller_scope(request))
+    if account is None:
+        raise ProblemError("account_not_found", detail=f"no account {account_id}")
+    return web.Response(body=encode(account_json(account)), content_type="application/json")
+
+
+def _page_limit(request: web.Request) -> int:
+    text = request.query.get("limit", str(ENTRIES_PAGE_LIMIT_DEFAULT))
+    if not text.isdigit() or not 1 <= int(text) <= ENTRIES_PAGE_LIMIT_MAX:
+        raise invalid("limit", f"limit must be an integer from 1 to {ENTRIES_PAGE_LIMIT_MAX}")
+    return int(text)
+
+
+def _cursor(request: web.Request) -> int | None:
+    text = request.query.get("starting_after")
+    if text is None:
+        return None
+    cursor = parse_id(text)
+    if cursor is None:
+        raise ProblemError("invalid_cursor", detail=f"{text!r} is not a cursor of this list")
+    return cursor
+
+
+@routes.get("/v1/accounts/{account_id}/entries")
+async def list_entries(request: web.Request) -> web.Response:
+    account_id = _account_id(request)
+    limit, cursor = _page_limit(request), _cursor(request)
+    try:
+        page = await request.app[ENGINE].entries(
+            account_id, scope=caller_scope(request), limit=limit, starting_after=cursor
+        )
+    except InvalidCursor as error:
+        raise ProblemError("invalid_cursor", detail=str(error)) from None
+    if page is None:
+        raise ProblemError("account_not_found", detail=f"no account {account_id}")
+    return web.Response(body=encode(page_json(page)), content_type="application/json")
+
+
+ROUTES: Final = list(routes)

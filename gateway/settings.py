@@ -1,0 +1,85 @@
+"""Settings, read once from the environment (every name starts with TXENGINE_)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Final
+
+from engine import EngineConfig, LaneConfig
+
+ENV_PREFIX: Final = "TXENGINE_"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _int(name: str, default: int) -> int:
+    return int(_env(name, str(default)))
+
+
+def _bool(name: str, default: bool) -> bool:
+    return _env(name, "1" if default else "0").lower() in ("1", "true", "yes", "on")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    database_url: str | None  # None: run the embedded PostgreSQL in data_dir
+    data_dir: Path
+    host: str
+    port: int
+    workers: int  # gateway processes sharing the port (SO_REUSEPORT)
+    lanes: int  # shard lanes per process
+    batch_size_max: int
+    batch_wait_ms: float
+    queue_depth_max: int
+    lock_timeout_ms: int
+    statement_timeout_ms: int
+    body_size_max_bytes: int
+    idempotency_retention_s: int
+    auto_migrate: bool
+    access_log: bool
+    log_level: str
+    sweeper: bool
+    shutdown_timeout_s: float
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            lanes=self.lanes,
+            lane=LaneConfig(
+                batch_size_max=self.batch_size_max,
+                batch_wait_ms=self.batch_wait_ms,
+                queue_depth_max=self.queue_depth_max,
+                lock_timeout_ms=self.lock_timeout_ms,
+                statement_timeout_ms=self.statement_timeout_ms,
+            ),
+            idempotency_retention_s=self.idempotency_retention_s,
+        )
+
+
+def from_env() -> Settings:
+    database_url = os.environ.get("TXENGINE_DATABASE_URL") or None
+    return Settings(
+        database_url=database_url,
+        data_dir=Path(_env("DATA_DIR", ".txengine")).resolve(),
+        host=_env("HOST", "127.0.0.1"),
+        port=_int("PORT", 8080),
+        workers=_int("WORKERS", 1),
+        lanes=_int("LANES", 4),
+        batch_size_max=_int("BATCH_SIZE_MAX", 500),
+        batch_wait_ms=float(_env("BATCH_WAIT_MS", "0")),
+        queue_depth_max=_int("QUEUE_DEPTH_MAX", 10_000),
+        lock_timeout_ms=_int("LOCK_TIMEOUT_MS", 2_000),
+        statement_timeout_ms=_int("STATEMENT_TIMEOUT_MS", 5_000),
+        body_size_max_bytes=_int("BODY_SIZE_MAX_BYTES", 64 * 1024),
+        idempotency_retention_s=_int("IDEMPOTENCY_RETENTION_S", 24 * 3600),
+        # The embedded database belongs to txengine, so it migrates itself; an external
+        # one is migrated on purpose with `txengine migrate`.
+        auto_migrate=_bool("AUTO_MIGRATE", database_url is None),
+        access_log=_bool("ACCESS_LOG", True),
+        log_level=_env("LOG_LEVEL", "INFO"),
+        sweeper=_bool("SWEEPER", True),
+        shutdown_timeout_s=float(_env("SHUTDOWN_TIMEOUT_S", "30")),
+    )
