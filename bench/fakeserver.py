@@ -130,8 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for proc in procs:
         proc.start()
-    # The parent only forwards SIGTERM, so that stopping it stops the workers.
-    signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in procs])
+
+    def forward_sigterm(*_: object) -> None:
+        # The parent only forwards SIGTERM, so that stopping it stops the workers.
+        for proc in procs:
+            proc.terminate()
+
+    signal.signal(signal.SIGTERM, forward_sigterm)
     for proc in procs:
         with contextlib.suppress(KeyboardInterrupt):
             proc.join()

@@ -165,8 +165,8 @@ def parse_response(buf: bytes) -> tuple[int, int, int] | None:
         end = body_start + int(buf[i + 16 : buf.find(b"\r", i + 16)])
         return (status, body_start, end) if len(buf) >= end else None
     if b"\ntransfer-encoding: chunked" in head:
-        end = _chunked_end(buf, body_start)
-        return None if end is None else (status, body_start, end)
+        chunked_end = _chunked_end(buf, body_start)
+        return None if chunked_end is None else (status, body_start, chunked_end)
     if status < 200 or status in (204, 304):
         return status, body_start, body_start
     raise ProtocolError(f"response without length: {buf[:head_end]!r}")
@@ -196,6 +196,7 @@ class _Conn(asyncio.Protocol):
         self.t0 = 0.0  # latency origin of the request in flight: send or scheduled time
         self.in_flight = False
         self.lost_reason = ""
+        self.closing = False  # the server said it will close: send nothing more here
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
@@ -222,7 +223,12 @@ class _Conn(asyncio.Protocol):
             if parsed is None:
                 break
             status, body_start, end = parsed
-            body = None if status == OK_STATUS else buf[body_start:end]
+            body = None
+            if status != OK_STATUS:
+                body = buf[body_start:end]
+                # Servers may close after an error answer (aiohttp does after a 400); only
+                # then is the header looked for, so the common path stays cheap.
+                self.closing = b"\nconnection: close" in buf[:body_start].lower()
             buf = buf[end:]
             self.run.on_response(self, status, body)
         self.buf = buf
@@ -309,6 +315,11 @@ class _Run:
         """Give a free connection its next request, or park it."""
         if self.stopped:
             return
+        if conn.closing:
+            # Let it close; connection_lost brings a replacement that carries on.
+            if conn.transport is not None:
+                conn.transport.close()
+            return
         if self.pending:
             self.send(conn, self.pending.popleft())  # oldest first: it has waited longest
         elif not self.open_loop and now < self.t_end:
@@ -346,7 +357,8 @@ class _Run:
             conn.in_flight = False
             self.in_flight -= 1
             if self.measured(conn.t0):
-                self.error("conn_error", reason)
+                key = "protocol_error" if reason.startswith("protocol_error") else "conn_error"
+                self.error(key, reason)
             else:
                 self.unmeasured += 1
         if not self.stopped:
