@@ -109,8 +109,9 @@ async def setup_accounts(
 
         async def fund(i: int) -> None:
             payload = {
-                "debit_account_id": system_id,
-                "credit_account_id": users[i],
+                # Ids travel as decimal strings (63-bit ids overflow JSON doubles).
+                "debit_account_id": str(system_id),
+                "credit_account_id": str(users[i]),
                 "amount_minor": initial_minor,
                 "currency": currency,
             }

@@ -25,8 +25,8 @@ from aiohttp import web
 ID_WORKER_SHIFT = 40  # worker index in the high bits keeps ids unique across workers
 TRANSFER_FIELDS = ("debit_account_id", "credit_account_id", "amount_minor", "currency")
 RAW_ANSWER = (
-    b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n"
-    b'{"id":1,"status":"posted"}\n'
+    b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 29\r\n\r\n"
+    b'{"id":"1","status":"posted"}\n'
 )
 
 
@@ -38,7 +38,7 @@ def make_app(worker: int = 0) -> web.Application:
 
     async def create_account(request: web.Request) -> web.Response:
         doc = orjson.loads(await request.read())
-        account = {"id": next(ids), "currency": doc["currency"], "kind": doc["kind"]}
+        account = {"id": str(next(ids)), "currency": doc["currency"], "kind": doc["kind"]}
         return web.Response(status=201, body=orjson.dumps(account), content_type="application/json")
 
     async def create_transfer(request: web.Request) -> web.Response:
@@ -49,7 +49,7 @@ def make_app(worker: int = 0) -> web.Application:
             return web.Response(
                 status=422, body=orjson.dumps(body), content_type="application/json"
             )
-        transfer = {"id": next(ids), "status": "posted", **doc}
+        transfer = {"id": str(next(ids)), "status": "posted", **doc}
         return web.Response(
             status=201, body=orjson.dumps(transfer), content_type="application/json"
         )

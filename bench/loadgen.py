@@ -135,8 +135,10 @@ def _pick_pair(rng: random.Random, debits: Sequence[int], hot: int | None) -> tu
 
 def _encode_tail(pair: tuple[int, int], rng: random.Random, currency: str) -> bytes:
     amount = rng.randint(AMOUNT_MINOR_MIN, AMOUNT_MINOR_MAX)
+    # Ids go as decimal strings, as the gateway wants: 63-bit ids overflow JSON numbers
+    # in clients that read them as doubles.
     body = (
-        f'{{"debit_account_id":{pair[0]},"credit_account_id":{pair[1]},'
+        f'{{"debit_account_id":"{pair[0]}","credit_account_id":"{pair[1]}",'
         f'"amount_minor":{amount},"currency":"{currency}"}}'
     ).encode()
     return b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)

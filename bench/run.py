@@ -58,6 +58,13 @@ READY_POLL_S = 0.25
 STOP_TIMEOUT_S = 30.0
 LOG_TAIL_CHARS = 4000
 SCENARIOS = {"even": ["even"], "hot": ["hot"], "both": ["even", "hot"]}
+_SET_BY_BENCH = {
+    "TXENGINE_DATABASE_URL",
+    "TXENGINE_AUTO_MIGRATE",
+    "TXENGINE_HOST",
+    "TXENGINE_PORT",
+    "TXENGINE_WORKERS",
+}
 
 
 def _log(message: str) -> None:
@@ -129,6 +136,9 @@ def _free_port() -> int:
 
 def _start_server(module: str, dsn: str, port: int, workers: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, TXENGINE_DATABASE_URL=dsn, TXENGINE_AUTO_MIGRATE="1")
+    # Also in the environment: worker processes re-read their settings from it, and the
+    # command-line flags alone have not always reached them.
+    env.update(TXENGINE_HOST="127.0.0.1", TXENGINE_PORT=str(port), TXENGINE_WORKERS=str(workers))
     command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--workers", str(workers)]
     _log(f"starting {' '.join(command[1:])}; log in {SERVER_LOG}")
@@ -253,6 +263,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "duration_s": args.duration_s,
         "warmup_s": args.warmup_s,
         "cpus": os.cpu_count(),
+        # Server settings changed through the environment, which pass on to the server.
+        "server_env": " ".join(
+            f"{k}={v}"
+            for k, v in sorted(os.environ.items())
+            if k.startswith("TXENGINE_") and k not in _SET_BY_BENCH
+        ),
     }
 
 
@@ -285,7 +301,8 @@ def format_report(
     lines = [
         f"txengine benchmark, {s['date']}, commit {s['commit']}, {s['cpus']} cpus",
         f"settings: {s['workers']} workers, {s['connections']} connections, "
-        f"{s['accounts']} accounts, {s['duration_s']:g} s (+{s['warmup_s']:g} s warmup)",
+        f"{s['accounts']} accounts, {s['duration_s']:g} s (+{s['warmup_s']:g} s warmup)"
+        + (f", {s['server_env']}" if s["server_env"] else ""),
         "pgbench TPC-B: "
         + (
             f"{pgb.tps:.0f} tps (scale {pgb.scale}, {pgb.clients} clients, prepared, "
@@ -326,11 +343,12 @@ transfer credits one merchant account; **pgbench tps** = TPC-B transactions/s wi
 connection time; **ok/s** = transfers answered 201 per second of the measured window;
 **ratio** = ok/s ÷ pgbench tps; **p50/p99 ms** = latency over every answered measured
 request; **errors** = non-201 answers, connection errors and timeouts; **lg cpu** = the
-load generator's CPU as a share of one core.
+load generator's CPU as a share of one core; **server env** = TXENGINE_* settings the run
+passed to the server beyond the bench's own.
 
 | date | commit | scenario | workers | conns | accounts | duration s | pgbench tps | ok/s \
-| ratio | p50 ms | p99 ms | errors | lg cpu |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| ratio | p50 ms | p99 ms | errors | lg cpu | server env |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -356,6 +374,7 @@ def record(rows: list[dict[str, Any]], settings: dict[str, Any], path: Path) -> 
                 f"{row['p99_ms']:.2f}",
                 row["errors"],
                 f"{row['loadgen_cpu_pct']:.0f}%",
+                s["server_env"] or "-",
             ]
             out.write("| " + " | ".join(str(c) for c in cells) + " |\n")
 

@@ -20,6 +20,7 @@ from engine import database, store
 from engine.errors import (
     EngineError,
     IdempotencyKeyInFlight,
+    InvalidCommand,
     InvalidCursor,
     Unavailable,
     translate_database_error,
@@ -37,6 +38,7 @@ from engine.model import (
     Result,
     TransferView,
     VoidPending,
+    command_error,
 )
 
 _log = logging.getLogger("txengine.engine")
@@ -149,10 +151,14 @@ class Engine:
         (with `replayed` set), or IDEMPOTENCY_KEY_REUSED if its fingerprint differs.
         Raises IdempotencyKeyInFlight while the first is still being applied, Overloaded
         when the lane's queue is full, Unavailable or OutcomeUnknown when the database
-        could not be reached or the connection broke during COMMIT.
+        could not be reached or the connection broke during COMMIT, and InvalidCommand,
+        before anything is queued, for a command no caller should send.
         """
         if self._closing:
             raise Unavailable("the engine is shutting down")
+        error = command_error(command)
+        if error is not None:
+            raise InvalidCommand(error)
         key = None if idempotency is None else (idempotency.scope, idempotency.key)
         if key is not None and key in self._in_flight:
             raise IdempotencyKeyInFlight(f"a request with key {key[1]!r} is in flight")

@@ -23,6 +23,10 @@ class ClientError(EngineError):
     pass
 
 
+class InvalidCommand(ClientError):
+    """A command no caller should send: an amount out of range, an unknown currency."""
+
+
 class InvalidCursor(ClientError):
     """A page cursor that this engine never issued for this account."""
 

@@ -215,3 +215,37 @@ def encode_result(result: Result) -> bytes:
 
 def decode_result(data: bytes) -> Result:
     return RESULT_DECODER.decode(data)
+
+
+def command_error(command: Command) -> str | None:
+    """Why `command` is malformed, or None. Checked before a command joins a batch, so
+    one caller's mistake can never fail the other requests of its batch."""
+    if isinstance(command, CreateAccount):
+        return None if is_known_currency(command.currency) else "unknown currency"
+    if isinstance(command, CreateTransfers):
+        if not 1 <= len(command.transfers) <= LINKED_TRANSFERS_MAX:
+            return f"a command carries 1 to {LINKED_TRANSFERS_MAX} transfers"
+        for spec in command.transfers:
+            error = _transfer_spec_error(spec)
+            if error is not None:
+                return error
+        return None
+    if not 0 < command.transfer_id <= INT64_MAX:
+        return "transfer id out of range"
+    if isinstance(command, PostPending) and command.amount_minor is not None:
+        return None if 0 < command.amount_minor <= INT64_MAX else "amount out of range"
+    return None
+
+
+def _transfer_spec_error(spec: TransferSpec) -> str | None:
+    if not (0 < spec.debit_account_id <= INT64_MAX and 0 < spec.credit_account_id <= INT64_MAX):
+        return "account id out of range"
+    if not 0 < spec.amount_minor <= INT64_MAX:
+        return "amount out of range"
+    if not is_known_currency(spec.currency):
+        return "unknown currency"
+    if spec.timeout_s is not None and not (
+        spec.pending and 0 < spec.timeout_s <= HOLD_TIMEOUT_S_MAX
+    ):
+        return "timeout_s applies to pending transfers, 1 s to 30 days"
+    return None

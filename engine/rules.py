@@ -240,7 +240,10 @@ class _BatchState:
             overdraft_allowed=command.kind is AccountKind.SYSTEM,
             scope=command.scope or "",
         )
-        self.accounts[account.id] = account
+        # Not added to self.accounts: like a transfer made in this batch, an account made
+        # in this batch cannot be named by a later command of it. The store writes new rows
+        # and balance updates in one statement, whose UPDATE cannot see rows it inserts, so
+        # a balance change to a new account would be lost.
         self.accounts_created.append((account, command.metadata))
         view = account_view(account, metadata=command.metadata, created_at=self.now)
         return Result(code=ResultCode.OK, account=view)
@@ -455,6 +458,9 @@ def _resolution_failure(
     assert post_amount is None or 0 < post_amount <= INT64_MAX, "the caller validates amounts"
     if not hold.pending:
         return ResultCode.TRANSFER_NOT_PENDING, f"transfer {hold.id} is not a pending transfer"
+    if hold.status is TransferStatus.EXPIRED:
+        # The same answer whether or not the sweeper has got to the hold yet.
+        return ResultCode.PENDING_TRANSFER_EXPIRED, f"transfer {hold.id} expired"
     if hold.status is not TransferStatus.PENDING:
         return (
             ResultCode.TRANSFER_ALREADY_RESOLVED,

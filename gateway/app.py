@@ -54,7 +54,10 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
         code = _HTTP_PROBLEMS.get(error.status)
         if code is None:
             raise
-        return problem(code, detail=error.reason, instance=request.path)
+        response = problem(code, detail=error.reason, instance=request.path)
+        if "Allow" in error.headers:  # RFC 9110: a 405 must list the allowed methods
+            response.headers["Allow"] = error.headers["Allow"]
+        return response
     except Exception:
         _log.exception("unhandled error", extra={"request_id": request["request_id"]})
         return problem("internal_error", instance=request.path)

@@ -112,8 +112,16 @@ async def run_worker(dsn: str, settings: Settings, *, reuse_port: bool) -> None:
     _log.info("stopped")
 
 
-def _spawn_worker(index: int, dsn: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "TXENGINE_DATABASE_URL": dsn, _WORKER_ENV: str(index)}
+def _spawn_worker(index: int, dsn: str, settings: Settings) -> subprocess.Popen[bytes]:
+    # The worker reads its settings from the environment: pass on what the command line
+    # of `serve` overrode, or the workers would listen on the default address.
+    env = {
+        **os.environ,
+        "TXENGINE_DATABASE_URL": dsn,
+        "TXENGINE_HOST": settings.host,
+        "TXENGINE_PORT": str(settings.port),
+        _WORKER_ENV: str(index),
+    }
     return subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"], env=env)
 
 
@@ -127,7 +135,7 @@ def supervise(dsn: str, settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    workers = {i: _spawn_worker(i, dsn) for i in range(settings.workers)}
+    workers = {i: _spawn_worker(i, dsn, settings) for i in range(settings.workers)}
     restarts: list[float] = []
     while not stopping:
         time.sleep(0.2)
@@ -141,7 +149,7 @@ def supervise(dsn: str, settings: Settings) -> int:
                 _log.error("workers keep dying; giving up")
                 stopping = True
                 break
-            workers[index] = _spawn_worker(index, dsn)
+            workers[index] = _spawn_worker(index, dsn, settings)
     for process in workers.values():
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

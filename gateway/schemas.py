@@ -113,7 +113,7 @@ def invalid(path: str, message: str) -> ProblemError:
 
 def parse_id(text: str) -> int | None:
     """An id from a path segment or query; None if it cannot be one of ours."""
-    if not _ID_RE.match(text):
+    if not _ID_RE.fullmatch(text):  # match() would let a trailing newline through "$"
         return None
     value = int(text)
     return value if value <= INT64_MAX else None

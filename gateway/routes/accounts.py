@@ -63,7 +63,8 @@ async def get_account(request: web.Request) -> web.Response:
 
 def _page_limit(request: web.Request) -> int:
     text = request.query.get("limit", str(ENTRIES_PAGE_LIMIT_DEFAULT))
-    if not text.isdigit() or not 1 <= int(text) <= ENTRIES_PAGE_LIMIT_MAX:
+    # isascii(): str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= ENTRIES_PAGE_LIMIT_MAX:
         raise invalid("limit", f"limit must be an integer from 1 to {ENTRIES_PAGE_LIMIT_MAX}")
     return int(text)
 

@@ -73,11 +73,11 @@ class FakeServer:
             await asyncio.sleep(self.delay_s)
         if body["amount_minor"] == REJECTED_AMOUNT:
             return web.json_response({"title": "insufficient funds"}, status=422)
-        return web.json_response({"id": n + 1, "status": "posted"}, status=201)
+        return web.json_response({"id": str(n + 1), "status": "posted"}, status=201)
 
     async def account(self, request: web.Request) -> web.Response:
         body = await request.json()
-        account = {"id": 5000 + len(self.accounts), **body}
+        account = {"id": str(5000 + len(self.accounts)), **body}
         self.accounts.append(account)
         return web.json_response(account, status=201)
 
@@ -151,7 +151,7 @@ def test_requests_are_unique_and_hot_account_is_credited() -> None:
         assert f"Content-Length: {len(body)}".encode() in head
         keys.add(head.split(b"Idempotency-Key: ")[1].split(b"\r\n")[0])
         doc = json.loads(body)
-        assert doc["credit_account_id"] == 1000 != doc["debit_account_id"]
+        assert doc["credit_account_id"] == "1000" != doc["debit_account_id"]
         assert doc["currency"] == "CNY"
         amounts.add(doc["amount_minor"])
     assert len(keys) == 500
@@ -281,10 +281,10 @@ async def test_setup_accounts_creates_and_funds(server: FakeServer) -> None:
     assert kinds == ["system"] + ["user"] * 40 + ["merchant"]
     system_id = server.accounts[0]["id"]
     funded = {b["credit_account_id"] for b in server.bodies}
-    assert funded == set(users)
+    assert funded == {str(u) for u in users}
     assert all(b["debit_account_id"] == system_id for b in server.bodies)
     assert all(b["amount_minor"] == 777 for b in server.bodies)
-    assert hot == server.accounts[-1]["id"]
+    assert str(hot) == server.accounts[-1]["id"]
 
 
 async def test_cli_in_two_processes(server: FakeServer, tmp_path: Path) -> None:
