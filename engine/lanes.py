@@ -192,8 +192,12 @@ class Lane:
                 error = translate_database_error(exc)
                 if not isinstance(error, Conflict):
                     await self._drop_connection()
+                # A lock conflict clears up by itself: retry it a few times. A lost
+                # connection is retried once on a new one (the server may just have
+                # restarted); past that, callers get a prompt 503 rather than a long hang.
+                retry_max = self._config.batch_retry_max if isinstance(error, Conflict) else 1
                 retryable = isinstance(error, Conflict | Unavailable)
-                if not retryable or attempt >= self._config.batch_retry_max:
+                if not retryable or attempt >= retry_max:
                     if isinstance(error, InternalError):
                         _log.exception("batch failed on lane %d", self.index)
                     raise error from exc

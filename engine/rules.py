@@ -91,7 +91,9 @@ class HoldState:
     created_at: datetime
 
 
-@dataclasses.dataclass(slots=True, kw_only=True, frozen=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, which
+# doubles the cost of the two entries every transfer writes.
+@dataclasses.dataclass(slots=True, kw_only=True)
 class EntryRow:
     account_id: int
     id: int
