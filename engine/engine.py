@@ -167,9 +167,10 @@ class Engine:
         lane.offer(Submission(store.Item(command, idempotency), future))
         if key is not None:
             self._in_flight.add(key)
-        # Shielded: a caller that goes away does not pull its command out of a batch that
-        # may already be committing; the lane settles the future either way.
-        return await asyncio.shield(future)
+        # A caller that goes away cancels only its wait: the command stays in its batch,
+        # the lane skips settling a cancelled future, and the key stays in flight until
+        # the batch is done (the lane forgets it), so a retry can never overtake it.
+        return await future
 
     def _forget_key(self, item: store.Item) -> None:
         if item.idempotency is not None:

@@ -74,8 +74,9 @@ def edge_middleware(*, access_log: bool) -> Callable[..., Awaitable[web.StreamRe
         route = _route_name(request)
         metrics.REQUESTS.labels(route, request.method, str(response.status)).inc()
         metrics.REQUEST_LATENCY.labels(route).observe(elapsed_s)
-        if access_log:
-            _access.info(
+        if access_log or response.status >= 500:
+            _access.log(
+                logging.INFO if response.status < 500 else logging.WARNING,
                 "request",
                 extra={
                     "request_id": request_id,
