@@ -49,7 +49,7 @@ _HASH_MULTIPLIER: Final = 0x9E3779B97F4A7C15  # Fibonacci hashing spreads sequen
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    lanes: int = 4  # shard lanes in this process, each with its own connection
+    lanes: int = 2  # shard lanes in this process, each with its own connection
     lane: LaneConfig = dataclasses.field(default_factory=LaneConfig)
     read_pool_size_max: int = 8  # connections for reads, readiness and background work
     idempotency_retention_s: int = 24 * 3600  # keys are kept at least this long

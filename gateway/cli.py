@@ -39,6 +39,8 @@ _log = logging.getLogger("txengine.cli")
 WORKER_RESTARTS_PER_MINUTE_MAX: Final = 10
 DATABASE_WAIT_S_MAX: Final = 60.0
 _WORKER_ENV: Final = "TXENGINE_WORKER_INDEX"
+# Loop turns from accepting a connection to its request loop waiting for a request.
+_ACCEPTED_SETTLE_LOOP_TURNS: Final = 3
 
 
 @contextlib.contextmanager
@@ -107,7 +109,14 @@ async def run_worker(dsn: str, settings: Settings, *, reuse_port: bool) -> None:
     await stop.wait()
     _log.info("shutting down: finishing requests in flight")
     await sweeper.stop()
-    await runner.cleanup()  # stop accepting, wait for handlers in flight, run cleanups
+    # Stop accepting, then let connections accepted just before start reading before the
+    # runner closes idle ones. aiohttp drops bytes arriving on a connection it has marked
+    # closing, and then waits for that connection's request loop if the loop had not run
+    # yet: the request was never answered and shutdown took shutdown_timeout_s.
+    await site.stop()
+    for _ in range(_ACCEPTED_SETTLE_LOOP_TURNS):
+        await asyncio.sleep(0)
+    await runner.cleanup()  # close idle connections, wait for handlers in flight, cleanups
     await engine.close()  # every batch already queued is committed and answered
     _log.info("stopped")
 

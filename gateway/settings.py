@@ -67,7 +67,9 @@ def from_env() -> Settings:
         host=_env("HOST", "127.0.0.1"),
         port=_int("PORT", 8080),
         workers=_int("WORKERS", 1),
-        lanes=_int("LANES", 4),
+        # More lanes mean more batches in flight that lock overlapping accounts and wait
+        # for each other; two per process measured best (bench/RESULTS.md).
+        lanes=_int("LANES", 2),
         batch_size_max=_int("BATCH_SIZE_MAX", 500),
         batch_wait_ms=float(_env("BATCH_WAIT_MS", "0")),
         queue_depth_max=_int("QUEUE_DEPTH_MAX", 10_000),
