@@ -67,6 +67,40 @@ ON CONFLICT DO NOTHING
 RETURNING scope, key
 """
 
+# Phases 1 and 3 in one statement, for batches without holds. The account scan runs
+# only after the key insert has finished (a one-time filter on its row count is evaluated
+# before the scan starts), so keys are still taken before accounts: the global lock order,
+# and with it freedom from deadlock, is unchanged. Claimed keys come back as rows with a
+# NULL id, locked accounts as rows with their id.
+_CLAIM_KEYS_AND_LOCK_ACCOUNTS: Final = """
+WITH claimed AS (
+    INSERT INTO idempotency_keys (scope, key, fingerprint, created_at)
+    SELECT u.scope, u.key, u.fingerprint, $4
+    FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY
+        AS u(scope, key, fingerprint, n)
+    ORDER BY u.n
+    ON CONFLICT DO NOTHING
+    RETURNING scope, key
+), claimed_count AS (
+    SELECT count(*) AS n FROM claimed
+), locked AS (
+    SELECT id, currency, kind, overdraft_allowed, scope,
+           debits_posted, credits_posted, debits_pending, credits_pending
+    FROM accounts
+    WHERE id = ANY($5::bigint[]) AND (SELECT n FROM claimed_count) >= 0
+    ORDER BY id FOR UPDATE
+)
+SELECT NULL::bigint AS id, NULL::char(3) AS currency, NULL::text AS kind,
+       NULL::boolean AS overdraft_allowed, c.scope, c.key, NULL::bigint AS debits_posted,
+       NULL::bigint AS credits_posted, NULL::bigint AS debits_pending,
+       NULL::bigint AS credits_pending
+FROM claimed c
+UNION ALL
+SELECT l.id, l.currency, l.kind, l.overdraft_allowed, l.scope, NULL, l.debits_posted,
+       l.credits_posted, l.debits_pending, l.credits_pending
+FROM locked l
+"""
+
 _LOCK_HOLDS: Final = """
 SELECT id, debit_account_id, credit_account_id, currency, amount_minor, status, pending,
        scope, group_id, metadata::text AS metadata, expires_at, created_at
@@ -178,11 +212,21 @@ async def _apply_in_transaction(
     now: datetime,
     next_id: IdSource,
 ) -> list[Result]:
-    claimed = await _claim_keys(conn, keyed, now)
-    fresh = [i for i, item in enumerate(items) if _is_fresh(item, claimed)]
-    commands = [items[i].command for i in fresh]
-    holds = await _lock_holds(conn, commands)
-    accounts = await _lock_accounts(conn, commands, holds)
+    all_commands = [item.command for item in items]
+    if any(isinstance(c, PostPending | VoidPending) for c in all_commands):
+        # A hold must be locked before its accounts, which only its row names.
+        claimed = await _claim_keys(conn, keyed, now)
+        fresh = [i for i, item in enumerate(items) if _is_fresh(item, claimed)]
+        commands = [items[i].command for i in fresh]
+        holds = await _lock_holds(conn, commands)
+        accounts = await _lock_accounts(conn, commands, holds)
+    else:
+        # One round trip for phases 1 and 3. It also locks the accounts of commands whose
+        # key turns out to be claimed already; they are left untouched, so that is harmless.
+        claimed, accounts = await _claim_keys_and_lock(conn, keyed, all_commands, now)
+        fresh = [i for i, item in enumerate(items) if _is_fresh(item, claimed)]
+        commands = [items[i].command for i in fresh]
+        holds = {}
     plan = apply_batch(commands, accounts, holds, now=now, next_id=next_id)
     results: list[Result | None] = [None] * len(items)
     for i, fresh_result in zip(fresh, plan.results, strict=True):
@@ -221,6 +265,23 @@ async def _claim_keys(
     return {(row["scope"], row["key"]) for row in rows}
 
 
+async def _claim_keys_and_lock(
+    conn: asyncpg.Connection, keys: list[Idempotency], commands: list[Command], now: datetime
+) -> tuple[set[tuple[str, str]], dict[int, AccountState]]:
+    keys = sorted(keys, key=lambda k: (k.scope, k.key))
+    rows = await conn.fetch(
+        _CLAIM_KEYS_AND_LOCK_ACCOUNTS,
+        [k.scope for k in keys],
+        [k.key for k in keys],
+        [k.fingerprint for k in keys],
+        now,
+        sorted(_account_ids(commands, {})),
+    )
+    claimed = {(row["scope"], row["key"]) for row in rows if row["id"] is None}
+    accounts = {row["id"]: _account_state(row) for row in rows if row["id"] is not None}
+    return claimed, accounts
+
+
 async def _lock_holds(conn: asyncpg.Connection, commands: list[Command]) -> dict[int, HoldState]:
     ids = sorted({c.transfer_id for c in commands if isinstance(c, PostPending | VoidPending)})
     if not ids:
@@ -232,6 +293,14 @@ async def _lock_holds(conn: asyncpg.Connection, commands: list[Command]) -> dict
 async def _lock_accounts(
     conn: asyncpg.Connection, commands: list[Command], holds: dict[int, HoldState]
 ) -> dict[int, AccountState]:
+    ids = _account_ids(commands, holds)
+    if not ids:
+        return {}
+    rows = await conn.fetch(_LOCK_ACCOUNTS, sorted(ids))
+    return {row["id"]: _account_state(row) for row in rows}
+
+
+def _account_ids(commands: list[Command], holds: dict[int, HoldState]) -> set[int]:
     ids: set[int] = set()
     for command in commands:
         if isinstance(command, CreateTransfers):
@@ -241,10 +310,7 @@ async def _lock_accounts(
     for hold in holds.values():
         ids.add(hold.debit_account_id)
         ids.add(hold.credit_account_id)
-    if not ids:
-        return {}
-    rows = await conn.fetch(_LOCK_ACCOUNTS, sorted(ids))
-    return {row["id"]: _account_state(row) for row in rows}
+    return ids
 
 
 async def _write(

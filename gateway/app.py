@@ -15,7 +15,7 @@ from aiohttp import web
 
 from engine import Engine
 from gateway import metrics
-from gateway.commands import ENGINE
+from gateway.commands import ENGINE, REQUEST_ID
 from gateway.problems import ProblemError, problem
 from gateway.routes import ROUTES
 from gateway.settings import Settings
@@ -59,7 +59,7 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
             response.headers["Allow"] = error.headers["Allow"]
         return response
     except Exception:
-        _log.exception("unhandled error", extra={"request_id": request["request_id"]})
+        _log.exception("unhandled error", extra={"request_id": request[REQUEST_ID]})
         return problem("internal_error", instance=request.path)
 
 
@@ -67,7 +67,7 @@ def edge_middleware(*, access_log: bool) -> Callable[..., Awaitable[web.StreamRe
     @web.middleware
     async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = request["request_id"] = _request_id(request)
+        request_id = request[REQUEST_ID] = _request_id(request)
         response = await _respond(request, handler)
         response.headers[REQUEST_ID_HEADER] = request_id
         elapsed_s = time.perf_counter() - started

@@ -28,6 +28,8 @@ from gateway.problems import ProblemError, problem
 from gateway.schemas import encode
 
 ENGINE: Final = web.AppKey("engine", Engine)
+REQUEST_ID: Final = web.RequestKey("request_id", str)
+SCOPE: Final = web.RequestKey("scope", str)
 _log = logging.getLogger("txengine.gateway")
 
 _RETRYABLE: Final[tuple[tuple[type[EngineError], str], ...]] = (
@@ -42,7 +44,7 @@ _RETRYABLE: Final[tuple[tuple[type[EngineError], str], ...]] = (
 def caller_scope(request: web.Request) -> str:
     """The caller whose accounts a request may see. Until partner authentication exists,
     every caller shares the public scope."""
-    scope: str = request.get("scope", "public")
+    scope: str = request.get(SCOPE, "public")
     return scope
 
 
@@ -71,7 +73,7 @@ async def submit(
     except EngineError as error:
         code = problem_code_of(error)
         if code == "internal_error":
-            _log.error("engine error: %r", error, extra={"request_id": request.get("request_id")})
+            _log.error("engine error: %r", error, extra={"request_id": request.get(REQUEST_ID)})
             raise
         raise ProblemError(code, detail=str(error)) from None
     response = result_response(result, render=render, status=status)
