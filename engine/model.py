@@ -221,7 +221,9 @@ def command_error(command: Command) -> str | None:
     """Why `command` is malformed, or None. Checked before a command joins a batch, so
     one caller's mistake can never fail the other requests of its batch."""
     if isinstance(command, CreateAccount):
-        return None if is_known_currency(command.currency) else "unknown currency"
+        if not is_known_currency(command.currency):
+            return "unknown currency"
+        return metadata_error(command.metadata)
     if isinstance(command, CreateTransfers):
         if not 1 <= len(command.transfers) <= LINKED_TRANSFERS_MAX:
             return f"a command carries 1 to {LINKED_TRANSFERS_MAX} transfers"
@@ -248,4 +250,19 @@ def _transfer_spec_error(spec: TransferSpec) -> str | None:
         spec.pending and 0 < spec.timeout_s <= HOLD_TIMEOUT_S_MAX
     ):
         return "timeout_s applies to pending transfers, 1 s to 30 days"
+    return metadata_error(spec.metadata)
+
+
+def metadata_error(metadata: Metadata) -> str | None:
+    """Why `metadata` cannot be stored, or None. PostgreSQL's jsonb refuses the NUL
+    character, and a refusal inside a batch would fail every request of that batch."""
+    if len(metadata) > METADATA_KEYS_MAX:
+        return f"metadata holds at most {METADATA_KEYS_MAX} keys"
+    for key, value in metadata.items():
+        if not 1 <= len(key) <= METADATA_KEY_LENGTH_MAX:
+            return f"metadata keys are 1 to {METADATA_KEY_LENGTH_MAX} characters"
+        if len(value) > METADATA_VALUE_LENGTH_MAX:
+            return f"metadata values are at most {METADATA_VALUE_LENGTH_MAX} characters"
+        if "\x00" in key or "\x00" in value:
+            return "metadata may not contain the NUL character"
     return None

@@ -32,6 +32,7 @@ from engine.model import (
     METADATA_KEYS_MAX,
     METADATA_VALUE_LENGTH_MAX,
     is_known_currency,
+    metadata_error,
 )
 from gateway.problems import ProblemError
 
@@ -136,6 +137,7 @@ def transfer_spec(body: TransferCreate, *, path: str = "$") -> TransferSpec:
         raise invalid(f"{path}.credit_account_id", "debit and credit accounts must differ")
     if body.timeout_s is not None and not body.pending:
         raise invalid(f"{path}.timeout_s", "timeout_s applies to pending transfers only")
+    _check_metadata(body.metadata, path)
     return TransferSpec(
         debit_account_id=debit,
         credit_account_id=credit,
@@ -147,9 +149,16 @@ def transfer_spec(body: TransferCreate, *, path: str = "$") -> TransferSpec:
     )
 
 
+def _check_metadata(metadata: dict[str, str], path: str) -> None:
+    error = metadata_error(metadata)
+    if error is not None:
+        raise invalid(f"{path}.metadata", error)
+
+
 def check_account_create(body: AccountCreate) -> None:
     if not is_known_currency(body.currency):
         raise invalid("$.currency", f"unknown currency {body.currency!r}")
+    _check_metadata(body.metadata, "$")
 
 
 # -- responses ---------------------------------------------------------------------------

@@ -513,6 +513,17 @@ _BAD_TRANSFERS: Final[dict[str, tuple[BodyOf, int, str]]] = {
         400,
         "validation_error",
     ),
+    # jsonb refuses NUL: let through, it would fail the whole batch with a 500.
+    "metadata value with NUL": (
+        _json(lambda w: w.transfer(metadata={"note": "a\u0000b"})),
+        400,
+        "validation_error",
+    ),
+    "metadata key with NUL": (
+        _json(lambda w: w.transfer(metadata={"\u0000": "x"})),
+        400,
+        "validation_error",
+    ),
     "amount zero": (_amount("0"), 400, "validation_error"),
     "amount negative": (_amount("-5"), 400, "validation_error"),
     "amount fractional": (_amount("1.5"), 400, "validation_error"),
