@@ -1,4 +1,4 @@
-"""Reading a request body: media type, then typed decoding."""
+"""Reading a request: its body (media type, then typed decoding) and its path ids."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.problems import ProblemError
-from gateway.schemas import decode_body
+from gateway.schemas import decode_body, parse_id
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -21,3 +21,11 @@ async def read_body(request: web.Request, type_: type[T]) -> T:
             "unsupported_media_type", detail=f"got {request.content_type!r}, want application/json"
         )
     return decode_body(body, type_)
+
+
+def path_id(request: web.Request, name: str, *, not_found: str) -> int:
+    """The id in path segment `name`; one that cannot exist is simply not found."""
+    value = parse_id(request.match_info[name])
+    if value is None:
+        raise ProblemError(not_found, detail=f"no such {name.removesuffix('_id')}")
+    return value

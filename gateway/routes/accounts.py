@@ -10,7 +10,7 @@ from engine import CreateAccount, InvalidCursor, Result
 from engine.store import ENTRIES_PAGE_LIMIT_MAX
 from gateway.commands import ENGINE, caller_scope, submit
 from gateway.problems import ProblemError
-from gateway.routes._body import read_body
+from gateway.routes._body import path_id, read_body
 from gateway.schemas import (
     AccountCreate,
     account_json,
@@ -46,10 +46,7 @@ async def create_account(request: web.Request) -> web.Response:
 
 
 def _account_id(request: web.Request) -> int:
-    account_id = parse_id(request.match_info["account_id"])
-    if account_id is None:
-        raise ProblemError("account_not_found", detail="no such account")
-    return account_id
+    return path_id(request, "account_id", not_found="account_not_found")
 
 
 @routes.get("/v1/accounts/{account_id}")

@@ -9,7 +9,7 @@ from aiohttp import web
 from engine import CreateTransfers, PostPending, Result, VoidPending
 from gateway.commands import ENGINE, caller_scope, submit
 from gateway.problems import ProblemError
-from gateway.routes._body import read_body
+from gateway.routes._body import path_id, read_body
 from gateway.schemas import (
     TransferCreate,
     TransferGroupCreate,
@@ -17,7 +17,6 @@ from gateway.schemas import (
     TransferVoid,
     encode,
     group_json,
-    parse_id,
     transfer_json,
     transfer_spec,
 )
@@ -54,10 +53,7 @@ async def create_transfer_group(request: web.Request) -> web.Response:
 
 
 def _transfer_id(request: web.Request) -> int:
-    transfer_id = parse_id(request.match_info["transfer_id"])
-    if transfer_id is None:
-        raise ProblemError("transfer_not_found", detail="no such transfer")
-    return transfer_id
+    return path_id(request, "transfer_id", not_found="transfer_not_found")
 
 
 @routes.post("/v1/transfers/{transfer_id}/post")
