@@ -249,31 +249,28 @@ def _is_fresh(item: Item, claimed: set[tuple[str, str]]) -> bool:
     return key is None or (key.scope, key.key) in claimed
 
 
+def _key_columns(keys: list[Idempotency]) -> list[list[Any]]:
+    """Key columns sorted by (scope, key): every batch claims keys in this one order, so
+    two batches waiting on each other's keys can never wait in a circle."""
+    ordered = sorted(keys, key=lambda k: (k.scope, k.key))
+    return [[k.scope for k in ordered], [k.key for k in ordered], [k.fingerprint for k in ordered]]
+
+
 async def _claim_keys(
     conn: asyncpg.Connection, keys: list[Idempotency], now: datetime
 ) -> set[tuple[str, str]]:
     if not keys:
         return set()
-    keys = sorted(keys, key=lambda k: (k.scope, k.key))
-    rows = await conn.fetch(
-        _CLAIM_KEYS,
-        [k.scope for k in keys],
-        [k.key for k in keys],
-        [k.fingerprint for k in keys],
-        now,
-    )
+    rows = await conn.fetch(_CLAIM_KEYS, *_key_columns(keys), now)
     return {(row["scope"], row["key"]) for row in rows}
 
 
 async def _claim_keys_and_lock(
     conn: asyncpg.Connection, keys: list[Idempotency], commands: list[Command], now: datetime
 ) -> tuple[set[tuple[str, str]], dict[int, AccountState]]:
-    keys = sorted(keys, key=lambda k: (k.scope, k.key))
     rows = await conn.fetch(
         _CLAIM_KEYS_AND_LOCK_ACCOUNTS,
-        [k.scope for k in keys],
-        [k.key for k in keys],
-        [k.fingerprint for k in keys],
+        *_key_columns(keys),
         now,
         sorted(_account_ids(commands, {})),
     )
