@@ -93,6 +93,7 @@ _STOP_WAIT_S = 30
 _KILL_WAIT_S = 10.0
 _PSQL_TIMEOUT_S = 30
 _STOP_MODES = frozenset({"smart", "fast", "immediate"})
+_PORT_FILE = "txengine-port"  # the port of the last start, to reuse on the next
 
 
 class PostgresStartError(RuntimeError):
@@ -177,6 +178,7 @@ class EmbeddedPostgres:
         else:
             postmaster = self._start_postmaster()
         self._port = postmaster.port
+        self._remember_port(self._port)
         self._ensure_database()
         database = urllib.parse.quote(self._database, safe="")  # a name is not a URL path
         self._dsn = f"postgresql://{_SUPERUSER}@{_HOST}:{self._port}/{database}"
@@ -332,10 +334,22 @@ class EmbeddedPostgres:
     def _choose_port(self, *, prefer_previous: bool) -> int:
         if self._requested_port:
             return self._requested_port
-        # Keeping the port across a kill/start lets clients reconnect to the same DSN.
-        if prefer_previous and self._port is not None and _port_is_free(self._port):
-            return self._port
+        # Keeping the port across a kill/start, and across processes (the last port is
+        # kept in the data folder), lets clients reconnect to the same DSN by themselves.
+        previous = self._port if self._port is not None else self._remembered_port()
+        if prefer_previous and previous is not None and _port_is_free(previous):
+            return previous
         return _free_port()
+
+    def _remembered_port(self) -> int | None:
+        try:
+            return int((self._data_dir / _PORT_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _remember_port(self, port: int) -> None:
+        # Written as root into a folder the server user owns: harmless, it only reads it.
+        (self._data_dir / _PORT_FILE).write_text(str(port))
 
     def _read_started_postmaster(self) -> _Postmaster:
         postmaster = _live_postmaster(self._data_dir)

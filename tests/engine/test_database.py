@@ -181,3 +181,19 @@ def test_database_url_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert database_url_from_env() is None
     monkeypatch.setenv("TXENGINE_DATABASE_URL", "postgresql://u@h:1/d")
     assert database_url_from_env() == "postgresql://u@h:1/d"
+
+
+def test_a_new_handle_restarts_on_the_port_of_the_last_start(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """After a crash, whoever starts the server again (another process, a fault harness)
+    gets the same DSN, so running gateways reconnect without being told anything."""
+    data_dir = tmp_path_factory.mktemp("pg_port") / "data"
+    first = EmbeddedPostgres(data_dir=data_dir)
+    dsn = first.start()
+    first.kill()
+    again = EmbeddedPostgres(data_dir=data_dir)
+    try:
+        assert again.start() == dsn
+    finally:
+        again.stop()
