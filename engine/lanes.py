@@ -40,7 +40,7 @@ _RETRY_BACKOFF_MS_MAX: Final = 500.0
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LaneConfig:
     batch_size_max: int = 500  # requests applied in one transaction, at most
-    batch_wait_ms: float = 0.0  # extra time to gather a batch once one request is waiting
+    batch_wait_ms: float = 2.0  # under load, time to gather a batch once a request waits
     queue_depth_max: int = 10_000  # requests waiting per lane before callers get Overloaded
     batch_retry_max: int = 5  # re-runs of a batch after a lock conflict or lost connection
     lock_timeout_ms: int = 2_000
@@ -115,6 +115,7 @@ class Lane:
         self._queue: asyncio.Queue[Submission | None] = asyncio.Queue(config.queue_depth_max)
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._last_batch_size = 0
 
     @property
     def depth(self) -> int:
@@ -151,14 +152,22 @@ class Lane:
             await self._commit(batch)
 
     async def _gather(self, batch: list[Submission]) -> bool:
-        """Fill `batch` from the queue; return True if the stop sentinel was reached."""
-        if self._config.batch_wait_ms > 0 and self.depth < self._config.batch_size_max:
-            await asyncio.sleep(self._config.batch_wait_ms / 1000)
-        while len(batch) < self._config.batch_size_max and not self._queue.empty():
+        """Fill `batch` from the queue; return True if the stop sentinel was reached.
+
+        Under load (the last batch had company) it first waits batch_wait_ms for more,
+        unless the batch is full already: fewer, larger batches cost fewer round trips
+        per request. A lone request at rest does not wait.
+        """
+        config = self._config
+        already_full = self.depth + len(batch) >= config.batch_size_max
+        if config.batch_wait_ms > 0 and self._last_batch_size > 1 and not already_full:
+            await asyncio.sleep(config.batch_wait_ms / 1000)
+        while len(batch) < config.batch_size_max and not self._queue.empty():
             submission = self._queue.get_nowait()
             if submission is None:
                 return True
             batch.append(submission)
+        self._last_batch_size = len(batch)
         return False
 
     async def _commit(self, batch: list[Submission]) -> None:

@@ -71,7 +71,7 @@ def from_env() -> Settings:
         # for each other; two per process measured best (bench/RESULTS.md).
         lanes=_int("LANES", 2),
         batch_size_max=_int("BATCH_SIZE_MAX", 500),
-        batch_wait_ms=float(_env("BATCH_WAIT_MS", "0")),
+        batch_wait_ms=float(_env("BATCH_WAIT_MS", "2")),
         queue_depth_max=_int("QUEUE_DEPTH_MAX", 10_000),
         lock_timeout_ms=_int("LOCK_TIMEOUT_MS", 2_000),
         statement_timeout_ms=_int("STATEMENT_TIMEOUT_MS", 5_000),
