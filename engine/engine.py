@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final
@@ -40,8 +39,6 @@ from engine.model import (
     VoidPending,
     command_error,
 )
-
-_log = logging.getLogger("txengine.engine")
 
 LANES_MAX: Final = 64
 _HASH_MULTIPLIER: Final = 0x9E3779B97F4A7C15  # Fibonacci hashing spreads sequential ids

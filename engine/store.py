@@ -67,12 +67,16 @@ ON CONFLICT DO NOTHING
 RETURNING scope, key
 """
 
+# What the rules need of a locked account (engine.rules.AccountState).
+_LOCKED_ACCOUNT_COLUMNS: Final = """id, currency, kind, overdraft_allowed, scope,
+       debits_posted, credits_posted, debits_pending, credits_pending"""
+
 # Phases 1 and 3 in one statement, for batches without holds. The account scan runs
 # only after the key insert has finished (a one-time filter on its row count is evaluated
 # before the scan starts), so keys are still taken before accounts: the global lock order,
 # and with it freedom from deadlock, is unchanged. Claimed keys come back as rows with a
 # NULL id, locked accounts as rows with their id.
-_CLAIM_KEYS_AND_LOCK_ACCOUNTS: Final = """
+_CLAIM_KEYS_AND_LOCK_ACCOUNTS: Final = f"""
 WITH claimed AS (
     INSERT INTO idempotency_keys (scope, key, fingerprint, created_at)
     SELECT u.scope, u.key, u.fingerprint, $4
@@ -84,8 +88,7 @@ WITH claimed AS (
 ), claimed_count AS (
     SELECT count(*) AS n FROM claimed
 ), locked AS (
-    SELECT id, currency, kind, overdraft_allowed, scope,
-           debits_posted, credits_posted, debits_pending, credits_pending
+    SELECT {_LOCKED_ACCOUNT_COLUMNS}
     FROM accounts
     WHERE id = ANY($5::bigint[]) AND (SELECT n FROM claimed_count) >= 0
     ORDER BY id FOR UPDATE
@@ -107,9 +110,8 @@ SELECT id, debit_account_id, credit_account_id, currency, amount_minor, status, 
 FROM transfers WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
 """
 
-_LOCK_ACCOUNTS: Final = """
-SELECT id, currency, kind, overdraft_allowed, scope,
-       debits_posted, credits_posted, debits_pending, credits_pending
+_LOCK_ACCOUNTS: Final = f"""
+SELECT {_LOCKED_ACCOUNT_COLUMNS}
 FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
 """
 
@@ -217,30 +219,27 @@ async def _apply_in_transaction(
         # A hold must be locked before its accounts, which only its row names.
         claimed = await _claim_keys(conn, keyed, now)
         fresh = [i for i, item in enumerate(items) if _is_fresh(item, claimed)]
-        commands = [items[i].command for i in fresh]
-        holds = await _lock_holds(conn, commands)
-        accounts = await _lock_accounts(conn, commands, holds)
+        holds = await _lock_holds(conn, [all_commands[i] for i in fresh])
+        accounts = await _lock_accounts(conn, [all_commands[i] for i in fresh], holds)
     else:
         # One round trip for phases 1 and 3. It also locks the accounts of commands whose
         # key turns out to be claimed already; they are left untouched, so that is harmless.
         claimed, accounts = await _claim_keys_and_lock(conn, keyed, all_commands, now)
         fresh = [i for i, item in enumerate(items) if _is_fresh(item, claimed)]
-        commands = [items[i].command for i in fresh]
         holds = {}
+    commands = [all_commands[i] for i in fresh]
     plan = apply_batch(commands, accounts, holds, now=now, next_id=next_id)
-    results: list[Result | None] = [None] * len(items)
-    for i, fresh_result in zip(fresh, plan.results, strict=True):
-        results[i] = fresh_result
-    await _write(conn, plan, [(items[i].idempotency, results[i]) for i in fresh], now)
-    stale = [item.idempotency for item in items if not _is_fresh(item, claimed)]
+    decided = dict(zip(fresh, plan.results, strict=True))
+    await _write(conn, plan, [(items[i].idempotency, decided[i]) for i in fresh], now)
+    stale = [item.idempotency for i, item in enumerate(items) if i not in decided]
     replays = await _read_replays(conn, stale)
     answers: list[Result] = []
-    for item, maybe in zip(items, results, strict=True):
-        if maybe is None:
+    for i, item in enumerate(items):
+        if i in decided:
+            answers.append(decided[i])
+        else:
             assert item.idempotency is not None
             answers.append(replays[(item.idempotency.scope, item.idempotency.key)])
-        else:
-            answers.append(maybe)
     return answers
 
 
@@ -313,10 +312,10 @@ def _account_ids(commands: list[Command], holds: dict[int, HoldState]) -> set[in
 async def _write(
     conn: asyncpg.Connection,
     plan: BatchPlan,
-    answers: list[tuple[Idempotency | None, Result | None]],
+    answers: list[tuple[Idempotency | None, Result]],
     now: datetime,
 ) -> None:
-    keyed = [(key, result) for key, result in answers if key is not None and result is not None]
+    keyed = [(key, result) for key, result in answers if key is not None]
     await conn.execute(
         _WRITE,
         now,

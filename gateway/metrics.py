@@ -62,9 +62,6 @@ BATCH_FAILURES: Final = Counter(
 class EngineMetrics:
     """The engine's Observer: counts what the lanes report."""
 
-    def __init__(self, lane_depths: Sequence[int] | None = None) -> None:
-        self._depths = lane_depths
-
     def batch_committed(self, *, size: int, commit_s: float, results: Sequence[Result]) -> None:
         BATCH_SIZE.observe(size)
         COMMIT_LATENCY.observe(commit_s)

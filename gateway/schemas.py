@@ -10,7 +10,6 @@ units (int64).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
@@ -240,6 +239,3 @@ def group_json(transfers: tuple[TransferView, ...]) -> dict[str, Any]:
 
 def encode(value: Any) -> bytes:
     return _ENCODER.encode(value)
-
-
-Renderer = Callable[[Any], dict[str, Any]]

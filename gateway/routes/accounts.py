@@ -10,7 +10,7 @@ from engine import CreateAccount, InvalidCursor, Result
 from engine.store import ENTRIES_PAGE_LIMIT_MAX
 from gateway.commands import ENGINE, caller_scope, submit
 from gateway.problems import ProblemError
-from gateway.routes._body import path_id, read_body
+from gateway.routes._request import path_id, read_body
 from gateway.schemas import (
     AccountCreate,
     account_json,

@@ -9,7 +9,7 @@ from aiohttp import web
 from engine import CreateTransfers, PostPending, Result, VoidPending
 from gateway.commands import ENGINE, caller_scope, submit
 from gateway.problems import ProblemError
-from gateway.routes._body import path_id, read_body
+from gateway.routes._request import path_id, read_body
 from gateway.schemas import (
     TransferCreate,
     TransferGroupCreate,
