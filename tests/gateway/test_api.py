@@ -8,252 +8,27 @@ document against both the router and real responses.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import os
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, Final
-from urllib.parse import urlsplit
 
-import asyncpg
 import jsonschema
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
-from engine import Engine
-from gateway import metrics
-from gateway.app import make_app
-from gateway.openapi import document
 from gateway.problems import PROBLEM_TYPES
-from gateway.settings import from_env
-from tests.conftest import TEST_ENGINE_CONFIG, with_database
-
-BODY_SIZE_MAX: Final = 16 * 1024
-UNKNOWN_ID: Final = "12345"  # ids carry a timestamp, so no id this small is ever issued
-AUTO: Final = object()  # a fresh Idempotency-Key
-_DOCUMENT_URI: Final = "urn:txengine:openapi"
-
-
-@dataclasses.dataclass
-class Reply:
-    status: int
-    headers: Any
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def content_type(self) -> str:
-        return str(self.headers.get("Content-Type", "")).split(";")[0].strip()
-
-
-@dataclasses.dataclass
-class Api:
-    client: TestClient
-    engine: Engine
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        raw: bytes | None = None,
-        key: Any = AUTO,
-        headers: dict[str, str] | None = None,
-        content_type: str = "application/json",
-    ) -> Reply:
-        sent = dict(headers or {})
-        if key is AUTO:
-            key = uuid.uuid4().hex
-        if key is not None and method == "POST":
-            sent["Idempotency-Key"] = key
-        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-        if data is not None:
-            sent.setdefault("Content-Type", content_type)
-        async with self.client.request(method, path, data=data, headers=sent) as response:
-            return Reply(response.status, response.headers, await response.read())
-
-    async def post(self, path: str, body: Any = None, **kwargs: Any) -> Reply:
-        return await self.call("POST", path, body, **kwargs)
-
-    async def get(self, path: str, **kwargs: Any) -> Reply:
-        return await self.call("GET", path, **kwargs)
-
-    async def open_account(self, kind: str = "user", currency: str = "CNY") -> str:
-        reply = await self.post("/v1/accounts", {"currency": currency, "kind": kind})
-        assert reply.status == 201, reply
-        account_id: str = reply.json["id"]
-        return account_id
-
-    async def move(self, debit: str, credit: str, amount: int, **fields: Any) -> Reply:
-        body = {
-            "debit_account_id": debit,
-            "credit_account_id": credit,
-            "amount_minor": amount,
-            "currency": "CNY",
-            **fields,
-        }
-        return await self.post("/v1/transfers", body)
-
-    async def balance(self, account_id: str) -> dict[str, int]:
-        reply = await self.get(f"/v1/accounts/{account_id}")
-        assert reply.status == 200, reply
-        balance: dict[str, int] = reply.json["balance"]
-        return balance
-
-    async def counts(self) -> dict[str, int]:
-        async with self.engine.pool.acquire() as conn:
-            row = await conn.fetchrow(
-                """SELECT (SELECT count(*) FROM accounts) AS accounts,
-                          (SELECT count(*) FROM transfers) AS transfers,
-                          (SELECT count(*) FROM entries) AS entries,
-                          (SELECT count(*) FROM idempotency_keys) AS keys"""
-            )
-        return dict(row)
-
-
-@dataclasses.dataclass
-class World:
-    bank: str
-    user: str  # holds 10_000 CNY
-    merchant: str
-    dollars: str  # a USD user account
-
-    def transfer(self, **changes: Any) -> dict[str, Any]:
-        body = {
-            "debit_account_id": self.user,
-            "credit_account_id": self.merchant,
-            "amount_minor": 100,
-            "currency": "CNY",
-        }
-        body.update(changes)
-        return body
-
-
-@contextlib.asynccontextmanager
-async def serving(dsn: str) -> AsyncIterator[Api]:
-    engine = await Engine.open(dsn, config=TEST_ENGINE_CONFIG, observer=metrics.EngineMetrics())
-    settings = dataclasses.replace(from_env(), access_log=False, body_size_max_bytes=BODY_SIZE_MAX)
-    client = TestClient(TestServer(make_app(engine, settings)))
-    await client.start_server()
-    try:
-        yield Api(client, engine)
-    finally:
-        await client.close()
-        await engine.close()
-
-
-async def make_world(api: Api) -> World:
-    bank = await api.open_account("system")
-    user = await api.open_account("user")
-    merchant = await api.open_account("merchant")
-    dollars = await api.open_account("user", "USD")
-    assert (await api.move(bank, user, 10_000)).status == 201
-    return World(bank=bank, user=user, merchant=merchant, dollars=dollars)
-
-
-@pytest.fixture
-async def api(dsn: str) -> AsyncIterator[Api]:
-    async with serving(dsn) as served:
-        yield served
-
-
-@pytest.fixture
-async def world(api: Api) -> World:
-    return await make_world(api)
-
-
-@pytest.fixture(scope="module")
-async def shared(server_dsn: str, template_dsn: str) -> AsyncIterator[tuple[Api, World]]:
-    """One server and world for the many tests of refused requests, which write nothing
-    but the refusals' idempotency records (and check that they do not)."""
-    name = f"test_api_shared_{os.getpid()}"
-    template = urlsplit(template_dsn).path.lstrip("/")
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-    finally:
-        await admin.close()
-    async with serving(with_database(server_dsn, name)) as served:
-        yield served, await make_world(served)
-
-
-async def snapshot(api: Api, world: World) -> dict[str, Any]:
-    """Everything a refused request must leave as it was."""
-    state: dict[str, Any] = await api.counts()
-    for name in ("bank", "user", "merchant", "dollars"):
-        account_id = getattr(world, name)
-        state[name] = (await api.get(f"/v1/accounts/{account_id}")).json
-        state[f"{name}_entries"] = (await api.get(f"/v1/accounts/{account_id}/entries")).json
-    return state
-
-
-# -- the OpenAPI document, for validating responses -----------------------------------------
-
-_DOCUMENT: Final = json.loads(json.dumps(document()))
-_REGISTRY: Final = Registry().with_resource(
-    _DOCUMENT_URI, Resource.from_contents(_DOCUMENT, default_specification=DRAFT202012)
+from tests.gateway.support import (
+    BODY_SIZE_MAX,
+    DOCUMENT,
+    UNKNOWN_ID,
+    Api,
+    Reply,
+    World,
+    assert_problem,
+    snapshot,
+    validate_request,
+    validate_response,
 )
-
-
-def _pointer(*parts: str) -> str:
-    return "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
-
-
-def validate_against(pointer: str, instance: Any) -> None:
-    """Validate `instance` against the schema at `pointer` in the OpenAPI document."""
-    validator = jsonschema.Draft202012Validator(
-        {"$ref": f"{_DOCUMENT_URI}#/{pointer}"},
-        registry=_REGISTRY,
-        format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
-    )
-    validator.validate(instance)
-
-
-def validate_response(method: str, template: str, reply: Reply) -> None:
-    """The reply is one the document describes for this operation, in status and schema."""
-    responses = _DOCUMENT["paths"][template][method.lower()]["responses"]
-    status = str(reply.status) if str(reply.status) in responses else "default"
-    assert status in responses, (method, template, reply.status)
-    content = responses[status]["content"]
-    assert reply.content_type in content, (method, template, reply.content_type)
-    if reply.content_type.endswith("json"):
-        pointer = _pointer(
-            "paths", template, method.lower(), "responses", status, "content",
-            reply.content_type, "schema",
-        )  # fmt: skip
-        validate_against(pointer, reply.json)
-
-
-def validate_request(template: str, body: Any) -> None:
-    pointer = _pointer("paths", template, "post", "requestBody", "content", "application/json")
-    validate_against(pointer + "/schema", body)
-
-
-def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
-    assert reply.status == status, (reply.status, reply.body)
-    assert reply.content_type == "application/problem+json", reply.headers
-    body: dict[str, Any] = reply.json
-    assert body["code"] == code, body
-    assert body["type"] == f"/problems/{code}"
-    assert body["status"] == reply.status
-    assert isinstance(body["title"], str) and body["title"]
-    assert body["title"] == PROBLEM_TYPES[code].title
-    validate_against("components/schemas/Problem", body)
-    assert reply.headers.get("X-Request-Id")
-    return body
-
-
-# -- happy paths ---------------------------------------------------------------------------
 
 
 async def test_accounts_open_and_read(api: Api) -> None:
@@ -792,7 +567,7 @@ async def test_router_and_document_list_the_same_operations(api: Api) -> None:
     reply = await api.get("/openapi.json")
     assert reply.status == 200
     served = reply.json
-    assert served == _DOCUMENT
+    assert served == DOCUMENT
     app = api.client.server.app
     assert app is not None
     routed = {
@@ -849,7 +624,7 @@ async def test_real_responses_match_the_document(api: Api, world: World) -> None
         await check("GET", path, path)
     await check("GET", "/problems/{code}", "/problems/insufficient_funds")
     assert covered == {
-        (method.upper(), path) for path, ops in _DOCUMENT["paths"].items() for method in ops
+        (method.upper(), path) for path, ops in DOCUMENT["paths"].items() for method in ops
     }
 
     # Problems are documented as the default response of every operation.
