@@ -25,7 +25,14 @@ from engine.errors import (
     translate_database_error,
 )
 from engine.ids import NODE_COUNT_MAX, IdGenerator
-from engine.lanes import Lane, LaneConfig, Observer, Submission, connection_settings
+from engine.lanes import (
+    WRITE_PATH_PLANNER_SETTINGS,
+    Lane,
+    LaneConfig,
+    Observer,
+    Submission,
+    connection_settings,
+)
 from engine.model import (
     AccountView,
     Command,
@@ -49,11 +56,13 @@ class EngineConfig:
     lanes: int = 2  # shard lanes in this process, each with its own connection
     lane: LaneConfig = dataclasses.field(default_factory=LaneConfig)
     read_pool_size_max: int = 8  # connections for reads, readiness and background work
+    step_pool_size_max: int = 4  # connections for product steps (engine.products)
     idempotency_retention_s: int = 24 * 3600  # keys are kept at least this long
 
     def __post_init__(self) -> None:
         assert 1 <= self.lanes <= LANES_MAX, self.lanes
         assert 1 <= self.read_pool_size_max <= 100, self.read_pool_size_max
+        assert 1 <= self.step_pool_size_max <= 100, self.step_pool_size_max
 
 
 def utc_now() -> datetime:
@@ -69,6 +78,7 @@ class Engine:
         dsn: str,
         config: EngineConfig,
         pool: asyncpg.Pool,
+        step_pool: asyncpg.Pool,
         node: int,
         clock: Callable[[], datetime],
         observer: Observer | None,
@@ -76,6 +86,7 @@ class Engine:
         self.config = config
         self.clock = clock
         self._pool = pool
+        self._step_pool = step_pool
         self._in_flight: set[tuple[str, str]] = set()
         self._closing = False
         next_id = IdGenerator(node=node)
@@ -104,25 +115,30 @@ class Engine:
     ) -> Engine:
         """Connect, check the schema is current, and start the lanes."""
         config = config or EngineConfig()
+        pool = await _create_pool(dsn, config, size_max=config.read_pool_size_max)
         try:
-            pool = await asyncpg.create_pool(
-                dsn,
-                min_size=1,
-                max_size=config.read_pool_size_max,
-                timeout=config.lane.connect_timeout_ms / 1000,
-                command_timeout=config.lane.statement_timeout_ms / 1000 + 1,
-                server_settings=connection_settings(config.lane),
+            step_pool = await _create_pool(
+                dsn, config, size_max=config.step_pool_size_max, write_path=True
             )
-        except Exception as exc:
-            raise translate_database_error(exc) from exc
+        except BaseException:
+            await pool.close()
+            raise
         try:
             async with pool.acquire() as conn:
                 await database.check_schema(conn)
                 node = await conn.fetchval("SELECT nextval('id_node_seq')") % NODE_COUNT_MAX
         except BaseException:
-            await pool.close()
+            await asyncio.gather(pool.close(), step_pool.close())
             raise
-        engine = cls(dsn=dsn, config=config, pool=pool, node=node, clock=clock, observer=observer)
+        engine = cls(
+            dsn=dsn,
+            config=config,
+            pool=pool,
+            step_pool=step_pool,
+            node=node,
+            clock=clock,
+            observer=observer,
+        )
         for lane in engine._lanes:
             lane.start()
         return engine
@@ -131,12 +147,18 @@ class Engine:
         """Stop taking commands, answer every one already taken, then disconnect."""
         self._closing = True
         await asyncio.gather(*(lane.stop() for lane in self._lanes))
-        await self._pool.close()
+        await asyncio.gather(self._pool.close(), self._step_pool.close())
 
     @property
     def pool(self) -> asyncpg.Pool:
         """Connections for readers and background work (the sweeper, reconcile)."""
         return self._pool
+
+    @property
+    def step_pool(self) -> asyncpg.Pool:
+        """Connections for product steps: write transactions outside the lanes, with the
+        lanes' planner settings (see engine.products.step)."""
+        return self._step_pool
 
     def lane_depths(self) -> list[int]:
         return [lane.depth for lane in self._lanes]
@@ -216,6 +238,26 @@ class Engine:
 
     def _reader(self) -> _Reader:
         return _Reader(self._pool)
+
+
+async def _create_pool(
+    dsn: str, config: EngineConfig, *, size_max: int, write_path: bool = False
+) -> asyncpg.Pool:
+    settings = connection_settings(config.lane)
+    if write_path:
+        settings.update(WRITE_PATH_PLANNER_SETTINGS)
+    try:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=size_max,
+            timeout=config.lane.connect_timeout_ms / 1000,
+            command_timeout=config.lane.statement_timeout_ms / 1000 + 1,
+            server_settings=settings,
+        )
+    except Exception as exc:
+        raise translate_database_error(exc) from exc
+    return pool
 
 
 class _Reader:

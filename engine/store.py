@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -161,6 +161,8 @@ FROM unnest($36::text[], $37::text[], $38::bytea[]) AS u(scope, key, result)
 WHERE k.scope = u.scope AND k.key = u.key
 """
 
+_SAVE_ANSWER: Final = "UPDATE idempotency_keys SET result = $3 WHERE scope = $1 AND key = $2"
+
 _READ_REPLAYS: Final = """
 SELECT k.scope, k.key, k.fingerprint, k.result
 FROM idempotency_keys k
@@ -186,24 +188,67 @@ async def apply_items(
     """
     keyed = [item.idempotency for item in items if item.idempotency is not None]
     assert len({(k.scope, k.key) for k in keyed}) == len(keyed), "one key per batch"
-    transaction = conn.transaction()
-    await transaction.start()
+    async with transaction(conn):
+        return await _apply_in_transaction(conn, items, keyed, now=now, next_id=next_id)
+
+
+@contextlib.asynccontextmanager
+async def transaction(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """One write transaction: rolled back on any error, committed at the end.
+
+    Raises OutcomeUnknown when the connection broke while COMMIT was under way.
+    """
+    tx = conn.transaction()
+    await tx.start()
     try:
-        results = await _apply_in_transaction(conn, items, keyed, now=now, next_id=next_id)
+        yield
     except BaseException:
         # The first error is the one to report; a rollback on a broken connection fails
         # too, and the server rolls back by itself when the session ends.
         with contextlib.suppress(Exception):
             if not conn.is_closed():
-                await transaction.rollback()
+                await tx.rollback()
         raise
     try:
-        await transaction.commit()
+        await tx.commit()
     except asyncpg.PostgresError:
         raise  # the server answered: the transaction did not commit
     except BaseException as exc:
         raise OutcomeUnknown(f"connection lost during COMMIT: {exc!r}") from exc
-    return results
+
+
+async def apply_commands(
+    conn: asyncpg.Connection, commands: Sequence[Command], *, now: datetime, next_id: IdSource
+) -> list[Result]:
+    """Phases 2 to 4 for commands without keys, inside the caller's transaction.
+
+    Product steps (engine.products) use it to move money in the same transaction as
+    their own state change. The caller has taken its own locks (keys, then product
+    rows) first, so the global lock order holds.
+    """
+    commands = list(commands)
+    holds = await _lock_holds(conn, commands)
+    accounts = await _lock_accounts(conn, commands, holds)
+    plan = apply_batch(commands, accounts, holds, now=now, next_id=next_id)
+    await _write(conn, plan, [(None, result) for result in plan.results], now)
+    return list(plan.results)
+
+
+async def claim_key(conn: asyncpg.Connection, key: Idempotency, *, now: datetime) -> bool:
+    """Phase 1 for one key: True if this request is the first with it. Waits while
+    another transaction holds the same key uncommitted."""
+    return bool(await _claim_keys(conn, [key], now))
+
+
+async def stored_answer(conn: asyncpg.Connection, key: Idempotency) -> tuple[bytes, bytes]:
+    """The fingerprint and answer stored under a key claimed by a committed request."""
+    row = await conn.fetchrow(_READ_REPLAYS, [key.scope], [key.key])
+    assert row is not None and row["result"] is not None, "a committed key has its answer"
+    return bytes(row["fingerprint"]), bytes(row["result"])
+
+
+async def save_answer(conn: asyncpg.Connection, key: Idempotency, answer: bytes) -> None:
+    await conn.execute(_SAVE_ANSWER, key.scope, key.key, answer)
 
 
 async def _apply_in_transaction(

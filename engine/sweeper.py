@@ -1,5 +1,5 @@
 """Background work over the same store: expire holds past their timeout, reap old
-idempotency keys.
+idempotency keys, fire the products' timers (engine.products.timers).
 
 Each job is a `run_once()` over a bounded batch; the loop sleeps only when a batch came
 back short, so a backlog drains at full speed and an idle system costs one query per
@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Final
 
@@ -22,6 +23,7 @@ from engine import store
 from engine.engine import Engine
 from engine.errors import EngineError, translate_database_error
 from engine.model import VoidPending
+from engine.products import TIMER_JOBS, timers
 
 _log = logging.getLogger("txengine.sweeper")
 
@@ -60,9 +62,16 @@ async def reap_keys_once(engine: Engine, *, limit: int) -> int:
 
 
 class Sweeper:
-    def __init__(self, engine: Engine, *, config: SweeperConfig | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        config: SweeperConfig | None = None,
+        timer_jobs: Sequence[timers.TimerJob] | None = None,
+    ) -> None:
         self._engine = engine
         self._config = config or SweeperConfig()
+        self._timer_jobs = tuple(TIMER_JOBS if timer_jobs is None else timer_jobs)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -81,9 +90,18 @@ class Sweeper:
         config = self._config
         expired = await expire_holds_once(self._engine, limit=config.holds_batch_size_max)
         reaped = await reap_keys_once(self._engine, limit=config.keys_batch_size_max)
-        if expired or reaped:
-            _log.info("swept", extra={"holds_expired": expired, "keys_reaped": reaped})
-        return expired >= config.holds_batch_size_max or reaped >= config.keys_batch_size_max
+        full = expired >= config.holds_batch_size_max or reaped >= config.keys_batch_size_max
+        fired: dict[str, int] = {}
+        for job in self._timer_jobs:
+            count = await timers.fire(job, self._engine, now=self._engine.clock())
+            full = full or count >= job.batch_size_max
+            if count:
+                fired[job.name] = count
+        if expired or reaped or fired:
+            _log.info(
+                "swept", extra={"holds_expired": expired, "keys_reaped": reaped, "timers": fired}
+            )
+        return full
 
     async def _run(self) -> None:
         while True:

@@ -1,14 +1,15 @@
 """Submitting a request's command to the engine and turning the outcome into HTTP.
 
-Every state-changing route goes through `submit`: the one place where the engine's
-results and exceptions become statuses and problem documents.
+Every state-changing route goes through `submit` (a ledger command) or `run` (a product
+step): the one place where the engine's results, outcomes and exceptions become statuses
+and problem documents.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
@@ -23,9 +24,12 @@ from engine import (
     Result,
     Unavailable,
 )
+from engine.products import Outcome, Step, run_step
 from gateway.idempotency import REPLAYED_HEADER, idempotency_of
 from gateway.problems import ProblemError, problem
 from gateway.schemas import encode
+
+T = TypeVar("T")
 
 ENGINE: Final = web.AppKey("engine", Engine)
 REQUEST_ID: Final = web.RequestKey("request_id", str)
@@ -55,6 +59,50 @@ def problem_code_of(error: EngineError) -> str:
     return "internal_error"
 
 
+async def run(
+    request: web.Request,
+    step: Callable[[Step], Awaitable[T]],
+    *,
+    answer_type: type[T],
+    operation: str,
+    body: Any,
+    render: Callable[[T], dict[str, Any]],
+    status: int,
+) -> web.Response:
+    """Run a product step once under the request's idempotency key and answer it."""
+    scope = caller_scope(request)
+    idempotency = idempotency_of(request, scope=scope, operation=operation, body=body)
+    try:
+        outcome = await run_step(
+            request.app[ENGINE], step, answer_type=answer_type, scope=scope, idempotency=idempotency
+        )
+    except EngineError as error:
+        raise _problem_error(request, error) from None
+    response = outcome_response(outcome, render=render, status=status)
+    if outcome.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    return response
+
+
+def outcome_response(
+    outcome: Outcome[T], *, render: Callable[[T], dict[str, Any]], status: int
+) -> web.Response:
+    if outcome.refusal is not None:
+        refusal = outcome.refusal
+        return problem(refusal.code, detail=refusal.detail, **refusal.extensions)
+    assert outcome.value is not None
+    body = encode(render(outcome.value))
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _problem_error(request: web.Request, error: EngineError) -> ProblemError:
+    code = problem_code_of(error)
+    if code == "internal_error":
+        _log.error("engine error: %r", error, extra={"request_id": request.get(REQUEST_ID)})
+        raise error
+    return ProblemError(code, detail=str(error))
+
+
 async def submit(
     request: web.Request,
     command: Command,
@@ -71,11 +119,7 @@ async def submit(
     try:
         result = await request.app[ENGINE].submit(command, idempotency=idempotency)
     except EngineError as error:
-        code = problem_code_of(error)
-        if code == "internal_error":
-            _log.error("engine error: %r", error, extra={"request_id": request.get(REQUEST_ID)})
-            raise
-        raise ProblemError(code, detail=str(error)) from None
+        raise _problem_error(request, error) from None
     response = result_response(result, render=render, status=status)
     if result.replayed:
         response.headers[REPLAYED_HEADER] = "true"
