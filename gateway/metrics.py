@@ -59,6 +59,24 @@ BATCH_FAILURES: Final = Counter(
 )
 
 
+# labels() builds a key and takes a lock on every call; a request's children are looked up
+# once per (route, method, status) and kept here. Bounded: routes and methods are the
+# application's own (unmatched paths share one route label), statuses are few.
+_REQUEST_CHILDREN: Final[dict[tuple[str, str, int], tuple[Counter, Histogram]]] = {}
+_REQUEST_CHILDREN_MAX: Final = 10_000
+
+
+def observe_request(route: str, method: str, status: int, elapsed_s: float) -> None:
+    key = (route, method, status)
+    children = _REQUEST_CHILDREN.get(key)
+    if children is None:
+        children = (REQUESTS.labels(route, method, str(status)), REQUEST_LATENCY.labels(route))
+        if len(_REQUEST_CHILDREN) < _REQUEST_CHILDREN_MAX:
+            _REQUEST_CHILDREN[key] = children
+    children[0].inc()
+    children[1].observe(elapsed_s)
+
+
 class EngineMetrics:
     """The engine's Observer: counts what the lanes report."""
 
