@@ -35,7 +35,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A request id is this process's random prefix and a counter: unique across processes and
 # restarts for all practical purposes, and far cheaper than a uuid4 (a getrandom call)
 # per request.
-_REQUEST_ID_PREFIX: Final = secrets.token_hex(6)
+_REQUEST_ID_PREFIX: Final = secrets.token_hex(8)
 _request_numbers: Final = itertools.count(1)
 
 
@@ -43,7 +43,7 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get(REQUEST_ID_HEADER)
     if given is not None and _REQUEST_ID_RE.match(given):
         return given
-    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):010x}"
+    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
 
 
 def _route_name(request: web.Request) -> str:
