@@ -14,9 +14,9 @@ from typing import Final
 
 from aiohttp import web
 
-from engine import Engine
+from engine import Engine, EngineError
 from gateway import metrics
-from gateway.commands import ENGINE, REQUEST_ID
+from gateway.commands import ENGINE, REQUEST_ID, problem_code_of
 from gateway.problems import ProblemError, problem
 from gateway.routes import ROUTES
 from gateway.settings import Settings
@@ -58,6 +58,13 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
         return await handler(request)
     except ProblemError as error:
         return problem(error.code, detail=error.detail, instance=request.path, **error.extensions)
+    except EngineError as error:
+        # A read that met a database outage: retryable problems, like the write routes'.
+        retry_code = problem_code_of(error)
+        if retry_code == "internal_error":
+            _log.error("engine error: %r", error, extra={"request_id": request[REQUEST_ID]})
+            return problem(retry_code, instance=request.path)
+        return problem(retry_code, detail=str(error), instance=request.path)
     except web.HTTPException as error:
         code = _HTTP_PROBLEMS.get(error.status)
         if code is None:

@@ -16,6 +16,7 @@ from typing import Any, Final
 import jsonschema
 import pytest
 
+from engine import Unavailable
 from gateway.problems import PROBLEM_TYPES
 from tests.gateway.support import (
     BODY_SIZE_MAX,
@@ -642,3 +643,15 @@ async def test_real_responses_match_the_document(api: Api, world: World) -> None
         reply = await api.call(method, path, body)
         assert reply.status >= 400
         validate_response(method, template, reply)
+
+
+async def test_a_read_during_a_database_outage_is_a_retryable_problem(
+    api: Api, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise Unavailable("database unreachable: test")
+
+    monkeypatch.setattr(api.engine, "account", unreachable)
+    reply = await api.get(f"/v1/accounts/{world.user}")
+    body = assert_problem(reply, 503, "unavailable")
+    assert reply.headers["Retry-After"] == "2" and "unreachable" in body["detail"]
