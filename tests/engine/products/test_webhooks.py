@@ -19,7 +19,7 @@ from engine.products import dispatcher as dispatch
 from engine.products.dispatcher import DispatcherConfig
 from engine.products.webhooks import DeliveryStatus
 from tests.conftest import TEST_ENGINE_CONFIG
-from tests.engine.products.webhook_receiver import Receiver, receiving
+from tests.engine.products.webhook_support import Receiver, receiving
 
 START = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 CONFIG = DispatcherConfig(batch_size_max=10, sends_concurrent_max=4, timeout_s=2.0)

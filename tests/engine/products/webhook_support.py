@@ -1,5 +1,6 @@
-"""A partner's webhook endpoint for tests: a real local HTTP server that checks every
-delivery's signature with the secrets it was told, and answers as a test wants."""
+"""What webhook tests share: a partner's endpoint (a real local HTTP server that checks
+every delivery's signature with the secrets it was told, and answers as a test wants),
+and a tiny product step that queues a delivery."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from engine.products import signatures
+from engine import Engine
+from engine.products import Step, run_step, signatures
 from engine.products.dispatcher import EVENT_ID_HEADER
 
 
@@ -70,3 +73,24 @@ async def receiving(now: Callable[[], float]) -> AsyncIterator[Receiver]:
         yield receiver
     finally:
         await server.close()
+
+
+class Queued(msgspec.Struct, frozen=True):
+    delivery_id: int
+
+
+async def queue_delivery(engine: Engine, url: str, *, scope: str = "public") -> int:
+    """An event with a notify_url from a tiny product step; its delivery's id."""
+
+    async def step(s: Step) -> Queued:
+        event_id = await s.notify(
+            event_type="order.paid", subject_id=7, payload={"total_minor": 1}, notify_url=url
+        )
+        found = await s.conn.fetchval(
+            "SELECT id FROM webhook_deliveries WHERE event_id = $1", event_id
+        )
+        return Queued(found)
+
+    outcome = await run_step(engine, step, answer_type=Queued, scope=scope, idempotency=None)
+    assert outcome.value is not None
+    return outcome.value.delivery_id
