@@ -380,3 +380,57 @@ async def test_deliveries_are_listed_newest_first_by_page_status_and_scope(
         await webhooks.list_deliveries(
             engine, scope="p1", status=None, limit=10, starting_after=theirs.id
         )
+
+
+async def test_a_crash_mid_send_is_sent_again_after_a_restart_with_the_same_event_id(
+    dsn: str, engine: Engine, clock: Clock, receiver: Receiver
+) -> None:
+    receiver.secrets = [await _secret(engine)]
+    receiver.hang_s = 1.0
+    event_id = await _notify(engine, receiver.url())
+    async with dispatch.open_session(CONFIG) as session:
+        crashed = asyncio.create_task(_run(engine, session))
+        await receiver.arrived.wait()
+        crashed.cancel()  # the process dies with the send in flight: nothing recorded
+        with pytest.raises(asyncio.CancelledError):
+            await crashed
+    await engine.close()
+    receiver.hang_s = 0.0
+    restarted = await Engine.open(dsn, config=TEST_ENGINE_CONFIG, clock=clock)
+    try:
+        async with dispatch.open_session(CONFIG) as session:
+            assert await _run(restarted, session) == 0, "still leased to the dead run"
+            clock.advance(CONFIG.lease_s)
+            assert await _run(restarted, session) == 1
+        (delivery,) = await _deliveries(restarted)
+    finally:
+        await restarted.close()
+    assert delivery.status == DeliveryStatus.DELIVERED and delivery.attempts == 1
+    assert [r.event_id for r in receiver.received] == [str(event_id)] * 2
+    assert [r.headers["Txengine-Delivery-Attempt"] for r in receiver.received] == ["1", "1"]
+
+
+async def test_the_dispatcher_loop_delivers_in_the_background(
+    engine: Engine, receiver: Receiver
+) -> None:
+    receiver.secrets = [await _secret(engine)]
+    seen: list[str] = []
+    recorded = asyncio.Event()
+
+    class Observer:
+        def attempted(self, *, outcome: str, duration_s: float) -> None:
+            seen.append(outcome)
+            recorded.set()
+
+    running = dispatch.Dispatcher(
+        engine, config=DispatcherConfig(interval_s=0.02, timeout_s=2.0), observer=Observer()
+    )
+    running.start()
+    try:
+        await _notify(engine, receiver.url())
+        await asyncio.wait_for(recorded.wait(), 10)
+    finally:
+        await running.stop()
+    assert seen == ["delivered"]
+    (delivery,) = await _deliveries(engine)
+    assert delivery.status == DeliveryStatus.DELIVERED
