@@ -27,6 +27,9 @@ from gateway.schemas import invalid
 
 CSV_CONTENT_TYPE: Final = "text/csv"
 STREAM_S_MAX: Final = 300.0  # a download slower than this is cut (it holds a connection)
+# Downloads at once per process: each holds a read connection for its whole stream, and
+# reads of balances must keep the rest of the pool.
+STREAMS_CONCURRENT_MAX: Final = 2
 COLUMNS: Final = (
     "created_at",
     "entry_id",
@@ -43,6 +46,7 @@ _FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r")
 _ACCEPTED: Final = frozenset({"text/csv", "text/*", "*/*"})
 _log = logging.getLogger("txengine.gateway")
 routes = web.RouteTableDef()
+STREAM_SLOTS: Final = asyncio.Semaphore(STREAMS_CONCURRENT_MAX)  # never waited on
 
 
 def _day(request: web.Request) -> tuple[date, bool]:
@@ -106,6 +110,14 @@ async def statement(request: web.Request) -> web.StreamResponse:
     today = engine.clock().date()
     if day > today:
         raise invalid("date", f"{day} has not begun yet (today is {today}, UTC)")
+    if STREAM_SLOTS.locked():
+        raise ProblemError("overloaded", detail="too many statements are being downloaded")
+    async with STREAM_SLOTS:
+        return await _stream(request, account_id, day)
+
+
+async def _stream(request: web.Request, account_id: int, day: date) -> web.StreamResponse:
+    engine = request.app[ENGINE]
     async with open_statement(engine, account_id, scope=caller_scope(request), day=day) as found:
         if found is None:
             raise ProblemError("account_not_found", detail=f"no account {account_id}")

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from engine import AccountKind, CreateAccount
+from gateway.routes import statements
 from tests.gateway.support import UNKNOWN_ID, Api, assert_problem, serving, validate_response
 
 TEMPLATE = "/v1/accounts/{account_id}/statements/{date}"
@@ -128,3 +129,18 @@ async def test_bad_dates_and_types_are_refused(api: Api, clock: Clock) -> None:
     )
     assert_problem(reply, 406, "not_acceptable")
     validate_response("GET", TEMPLATE, reply)
+
+
+async def test_too_many_downloads_at_once_are_refused_for_a_while(api: Api) -> None:
+    merchant = await api.open_account("merchant")
+    path = f"/v1/accounts/{merchant}/statements/2026-04-01.csv"
+    for _ in range(statements.STREAMS_CONCURRENT_MAX):
+        await statements.STREAM_SLOTS.acquire()  # downloads in progress
+    try:
+        reply = await api.get(path)
+        assert_problem(reply, 503, "overloaded")
+        assert reply.headers["Retry-After"]
+    finally:
+        for _ in range(statements.STREAMS_CONCURRENT_MAX):
+            statements.STREAM_SLOTS.release()
+    assert (await api.get(path)).status == 200
