@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 import asyncpg
 import msgspec
 
-from engine.errors import ClientError, InvalidCursor
+from engine.errors import ClientError, EngineError, InvalidCursor, translate_database_error
 from engine.products.step import Refusal, Step
 
 if TYPE_CHECKING:
@@ -140,12 +140,19 @@ async def list_deliveries(
 ) -> DeliveryPage:
     """The scope's deliveries, newest first; `starting_after` is the last id of a page."""
     assert 1 <= limit <= DELIVERIES_PAGE_LIMIT_MAX, limit
-    async with engine.pool.acquire() as conn:
-        if starting_after is not None and not await conn.fetchval(_EXISTS, starting_after, scope):
-            raise InvalidCursor(f"no webhook delivery {starting_after}")
-        rows = await conn.fetch(
-            _LIST, scope, None if status is None else status.value, starting_after, limit + 1
-        )
+    try:
+        async with engine.pool.acquire() as conn:
+            if starting_after is not None and not await conn.fetchval(
+                _EXISTS, starting_after, scope
+            ):
+                raise InvalidCursor(f"no webhook delivery {starting_after}")
+            rows = await conn.fetch(
+                _LIST, scope, None if status is None else status.value, starting_after, limit + 1
+            )
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise translate_database_error(exc) from exc
     return DeliveryPage(
         deliveries=tuple(_view(row) for row in rows[:limit]), has_more=len(rows) > limit
     )
