@@ -1,4 +1,4 @@
-"""`txengine`: serve, migrate, reconcile.
+"""`txengine`: serve, migrate, reconcile, webhooks secret create|rotate.
 
 `serve` starts the embedded PostgreSQL when TXENGINE_DATABASE_URL is not set, applies or
 checks migrations, then runs the gateway in one process or in several processes that
@@ -26,8 +26,12 @@ import asyncpg
 import uvloop
 from aiohttp import web
 
-from engine import Engine, EngineError
+from engine import ClientError, Engine, EngineError
 from engine.database import EmbeddedPostgres, SchemaNotCurrent, check_schema, migrate
+from engine.engine import utc_now
+from engine.ids import NODE_COUNT_MAX, IdGenerator
+from engine.products import webhooks
+from engine.products.dispatcher import Dispatcher
 from engine.reconcile import reconcile, totals
 from engine.sweeper import Sweeper
 from gateway import logs, metrics
@@ -101,6 +105,9 @@ async def run_worker(dsn: str, settings: Settings, *, reuse_port: bool) -> None:
     sweeper = Sweeper(engine)
     if settings.sweeper:
         sweeper.start()
+    dispatcher = Dispatcher(engine, observer=metrics.WebhookMetrics())
+    if settings.webhooks:
+        dispatcher.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -109,6 +116,7 @@ async def run_worker(dsn: str, settings: Settings, *, reuse_port: bool) -> None:
     await stop.wait()
     _log.info("shutting down: finishing requests in flight")
     await sweeper.stop()
+    await dispatcher.stop()  # a send cut short is sent again after its lease
     # Stop accepting, then let connections accepted just before start reading before the
     # runner closes idle ones. aiohttp drops bytes arriving on a connection it has marked
     # closing, and then waits for that connection's request loop if the loop had not run
@@ -216,6 +224,43 @@ async def _reconcile(dsn: str) -> int:
     return 0 if failed == 0 else 1
 
 
+async def _webhook_secret(dsn: str, args: argparse.Namespace) -> int:
+    """Create or rotate a partner's webhook secret and print it, once, to stdout."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await check_schema(conn)
+        node = await conn.fetchval("SELECT nextval('id_node_seq')") % NODE_COUNT_MAX
+        next_id, now = IdGenerator(node=node), utc_now()
+        if args.action == "create":
+            secret = await webhooks.create_secret(conn, scope=args.scope, now=now, next_id=next_id)
+        else:
+            secret = await webhooks.rotate_secret(
+                conn, scope=args.scope, now=now, next_id=next_id, overlap_s=args.overlap_s
+            )
+    except ClientError as error:
+        print(f"txengine: {error}", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+    print(secret)
+    return 0
+
+
+def _webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("webhooks", help="manage webhook signing secrets")
+    secret = parser.add_subparsers(dest="webhooks_command", required=True).add_parser(
+        "secret", help="create or rotate a partner scope's secret (printed once)"
+    )
+    secret.add_argument("action", choices=("create", "rotate"))
+    secret.add_argument("--scope", required=True, help="the partner scope")
+    secret.add_argument(
+        "--overlap-s",
+        type=int,
+        default=webhooks.SECRET_OVERLAP_S_DEFAULT,
+        help="rotate: seconds the old secret keeps signing alongside the new (default a day)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="txengine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +271,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("worker", help=argparse.SUPPRESS)
     commands.add_parser("migrate", help="apply pending database migrations")
     commands.add_parser("reconcile", help="check every ledger invariant; exit 1 on a failure")
+    _webhooks_parser(commands)
     return parser
 
 
@@ -245,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             return worker(settings)
         with database(settings) as dsn:
+            if args.command == "webhooks":
+                return uvloop.run(_webhook_secret(dsn, args))
             run = _migrate if args.command == "migrate" else _reconcile
             return uvloop.run(run(dsn))
     except SchemaNotCurrent as error:

@@ -1,4 +1,5 @@
-"""Prometheus metrics: HTTP requests, lanes, batches, commits, transfers by result.
+"""Prometheus metrics: HTTP requests, lanes, batches, commits, transfers by result,
+webhook deliveries by outcome.
 
 With several gateway processes, prometheus-client's multiprocess mode is used
 (PROMETHEUS_MULTIPROC_DIR, set by `txengine serve` before any worker starts), so that
@@ -92,6 +93,26 @@ class EngineMetrics:
 
     def batch_failed(self, *, size: int, error: EngineError) -> None:
         BATCH_FAILURES.labels(type(error).__name__).inc()
+
+
+WEBHOOK_ATTEMPTS: Final = Counter(
+    "txengine_webhook_attempts_total",
+    "Webhook delivery attempts by outcome: delivered, retrying, dead, superseded",
+    ["outcome"],
+)
+WEBHOOK_ATTEMPT_LATENCY: Final = Histogram(
+    "txengine_webhook_attempt_duration_seconds",
+    "Time to send one webhook and record its outcome",
+    buckets=(*_LATENCY_BUCKETS_S, 10.0, 30.0),
+)
+
+
+class WebhookMetrics:
+    """The webhook dispatcher's observer (engine.products.dispatcher.DeliveryObserver)."""
+
+    def attempted(self, *, outcome: str, duration_s: float) -> None:
+        WEBHOOK_ATTEMPTS.labels(outcome).inc()
+        WEBHOOK_ATTEMPT_LATENCY.observe(duration_s)
 
 
 def set_lane_depth(depth_total: int) -> None:

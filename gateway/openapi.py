@@ -20,6 +20,7 @@ from gateway.schemas import (
     TransferPost,
     TransferVoid,
 )
+from gateway.webhook_schemas import WebhookRedeliver
 
 _REQUEST_TYPES: Final = (
     AccountCreate,
@@ -27,7 +28,9 @@ _REQUEST_TYPES: Final = (
     TransferGroupCreate,
     TransferPost,
     TransferVoid,
+    WebhookRedeliver,
 )
+_BODY_OPTIONAL: Final = ("TransferPost", "TransferVoid", "WebhookRedeliver")
 
 _ID: Final = {"type": "string", "pattern": r"^[1-9][0-9]{0,18}$"}
 _NULLABLE_ID: Final = {"anyOf": [_ID, {"type": "null"}]}
@@ -106,6 +109,31 @@ _RESPONSE_SCHEMAS: Final[dict[str, Any]] = {
             "has_more": {"type": "boolean"},
         }
     ),
+    "WebhookDelivery": _object(
+        {
+            "object": {"const": "webhook_delivery"},
+            "id": _ID,
+            "event_id": _ID,
+            "event_type": {"type": "string"},
+            "subject_id": _ID,
+            "url": {"type": "string"},
+            "status": {"enum": ["pending", "delivered", "dead"]},
+            "attempts": {"type": "integer", "minimum": 0},
+            "next_attempt_at": _NULLABLE_TIME,
+            "last_attempt_at": _NULLABLE_TIME,
+            "last_status_code": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+            "last_error": {"anyOf": [{"type": "string", "maxLength": 300}, {"type": "null"}]},
+            "created_at": _TIME,
+            "delivered_at": _NULLABLE_TIME,
+        }
+    ),
+    "WebhookDeliveryList": _object(
+        {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/WebhookDelivery"}},
+            "has_more": {"type": "boolean"},
+        }
+    ),
     "Problem": {
         "type": "object",
         "description": "RFC 9457 problem details",
@@ -155,7 +183,7 @@ def _command(summary: str, request: str, response: str, status: int, **extra: An
         "summary": summary,
         "parameters": [_IDEMPOTENCY_KEY, *extra.get("parameters", [])],
         "requestBody": {
-            "required": request not in ("TransferPost", "TransferVoid"),
+            "required": request not in _BODY_OPTIONAL,
             "content": {"application/json": {"schema": _ref(request)}},
         },
         "responses": {str(status): _json(response, summary), "default": _PROBLEM},
@@ -220,6 +248,51 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
     "/v1/transfer_groups": {
         "post": _command(
             "Linked transfers: all succeed or none", "TransferGroupCreate", "TransferGroup", 201
+        )
+    },
+    "/v1/accounts/{account_id}/statements/{date}": {
+        "get": {
+            "summary": "A day's statement (UTC): every posted movement, as CSV",
+            "parameters": [
+                _path_id("account_id"),
+                {
+                    "name": "date",
+                    "in": "path",
+                    "required": True,
+                    "description": "The UTC day, YYYY-MM-DD, optionally with .csv",
+                    "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}(\.csv)?$"},
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "RFC 4180 CSV with a header line; amounts in minor units",
+                    "content": {"text/csv": {"schema": {"type": "string"}}},
+                },
+                "default": _PROBLEM,
+            },
+        }
+    },
+    "/v1/webhook_deliveries": {
+        "get": _read(
+            "List the caller's webhook deliveries, newest first",
+            "WebhookDeliveryList",
+            [
+                {
+                    "name": "status",
+                    "in": "query",
+                    "schema": {"enum": ["pending", "delivered", "dead"]},
+                },
+                *_PAGE_PARAMETERS,
+            ],
+        )
+    },
+    "/v1/webhook_deliveries/{delivery_id}/redeliver": {
+        "post": _command(
+            "Send a webhook event again now",
+            "WebhookRedeliver",
+            "WebhookDelivery",
+            200,
+            parameters=[_path_id("delivery_id")],
         )
     },
     "/healthz": {"get": _plain("The process is alive", "application/json")},

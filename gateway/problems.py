@@ -40,10 +40,12 @@ PROBLEM_TYPES: Final = _types(
     ProblemType("not_found", 404, "No such resource"),
     ProblemType("method_not_allowed", 405, "This method is not allowed on this resource"),
     ProblemType("body_too_large", 413, "The request body is larger than allowed"),
+    ProblemType("not_acceptable", 406, "This resource cannot be served in the accepted type"),
     ProblemType("unsupported_media_type", 415, "Send the body as application/json"),
     # The ledger said no: the request was valid, the money did not move.
     ProblemType(ResultCode.ACCOUNT_NOT_FOUND, 404, "No such account"),
     ProblemType(ResultCode.TRANSFER_NOT_FOUND, 404, "No such transfer"),
+    ProblemType("webhook_delivery_not_found", 404, "No such webhook delivery"),
     ProblemType(ResultCode.ACCOUNTS_MUST_DIFFER, 422, "Debit and credit accounts are the same"),
     ProblemType(ResultCode.CURRENCY_MISMATCH, 422, "The accounts and transfer currencies differ"),
     ProblemType(ResultCode.INSUFFICIENT_FUNDS, 422, "The debit account has too little money"),

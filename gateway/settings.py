@@ -43,6 +43,7 @@ class Settings:
     access_log: bool
     log_level: str
     sweeper: bool
+    webhooks: bool  # run a webhook dispatcher in this process
     shutdown_timeout_s: float
 
     def engine_config(self) -> EngineConfig:
@@ -85,5 +86,8 @@ def from_env() -> Settings:
         access_log=_bool("ACCESS_LOG", False),
         log_level=_env("LOG_LEVEL", "INFO"),
         sweeper=_bool("SWEEPER", True),
+        # Every process delivers (claims are SKIP LOCKED and leased, so they share the
+        # work without sending an attempt twice); set 0 to keep a process out of it.
+        webhooks=_bool("WEBHOOKS", True),
         shutdown_timeout_s=float(_env("SHUTDOWN_TIMEOUT_S", "30")),
     )

@@ -50,9 +50,17 @@ STEP_RETRY_MAX: Final = 3  # re-runs of a step after a lock conflict
 HOUSE_SCOPE: Final = "house"  # the scope of the house's own accounts
 _ENCODER: Final = msgspec.json.Encoder()
 
+# The event and, when it has a notify_url, its webhook delivery (engine.products.webhooks),
+# in one statement of the step's transaction.
 _INSERT_EVENT: Final = """
-INSERT INTO outbox_events (id, scope, type, subject_id, notify_url, payload, created_at)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)
+WITH event AS (
+    INSERT INTO outbox_events (id, scope, type, subject_id, notify_url, payload, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)
+    RETURNING id, scope, notify_url, created_at
+)
+INSERT INTO webhook_deliveries (id, event_id, scope, url, status, next_attempt_at, created_at)
+SELECT $8, id, scope, notify_url, 'pending', created_at, created_at
+FROM event WHERE notify_url IS NOT NULL
 """
 _HOUSE_ACCOUNT: Final = "SELECT account_id FROM house_accounts WHERE name = $1 AND currency = $2"
 _CLAIM_HOUSE_ACCOUNT: Final = """
@@ -120,7 +128,9 @@ class Step:
     async def notify(
         self, *, event_type: str, subject_id: int, payload: Any, notify_url: str | None
     ) -> int:
-        """Record an event in the outbox, in this transaction; return its id."""
+        """Record an event in the outbox, in this transaction; return its id. With a
+        `notify_url`, a webhook delivery is queued with it (engine.products.dispatcher
+        sends it after COMMIT); an event of a step that rolls back is never sent."""
         event_id = self.engine.next_id()
         await self.conn.execute(
             _INSERT_EVENT,
@@ -131,6 +141,7 @@ class Step:
             notify_url,
             _ENCODER.encode(payload).decode(),
             self.now,
+            self.engine.next_id(),  # the delivery's id, unused without a notify_url
         )
         return event_id
 

@@ -2,6 +2,12 @@
 
 from aiohttp import web
 
-from gateway.routes import accounts, system, transfers
+from gateway.routes import accounts, statements, system, transfers, webhooks
 
-ROUTES: list[web.AbstractRouteDef] = [*accounts.ROUTES, *transfers.ROUTES, *system.ROUTES]
+ROUTES: list[web.AbstractRouteDef] = [
+    *accounts.ROUTES,
+    *statements.ROUTES,
+    *transfers.ROUTES,
+    *webhooks.ROUTES,
+    *system.ROUTES,
+]

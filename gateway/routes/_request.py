@@ -1,4 +1,5 @@
-"""Reading a request: its body (media type, then typed decoding) and its path ids."""
+"""Reading a request: its body (media type, then typed decoding), its path ids, and the
+page parameters of a list (`limit`, `starting_after`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.problems import ProblemError
-from gateway.schemas import decode_body, parse_id
+from gateway.schemas import decode_body, invalid, parse_id
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -29,3 +30,21 @@ def path_id(request: web.Request, name: str, *, not_found: str) -> int:
     if value is None:
         raise ProblemError(not_found, detail=f"no such {name.removesuffix('_id')}")
     return value
+
+
+def page_limit(request: web.Request, *, default: int, maximum: int) -> int:
+    text = request.query.get("limit", str(default))
+    # isascii(): str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= maximum:
+        raise invalid("limit", f"limit must be an integer from 1 to {maximum}")
+    return int(text)
+
+
+def page_cursor(request: web.Request) -> int | None:
+    text = request.query.get("starting_after")
+    if text is None:
+        return None
+    cursor = parse_id(text)
+    if cursor is None:
+        raise ProblemError("invalid_cursor", detail=f"{text!r} is not a cursor of this list")
+    return cursor

@@ -10,15 +10,13 @@ from engine import CreateAccount, InvalidCursor, Result
 from engine.store import ENTRIES_PAGE_LIMIT_MAX
 from gateway.commands import ENGINE, caller_scope, submit
 from gateway.problems import ProblemError
-from gateway.routes._request import path_id, read_body
+from gateway.routes._request import page_cursor, page_limit, path_id, read_body
 from gateway.schemas import (
     AccountCreate,
     account_json,
     check_account_create,
     encode,
-    invalid,
     page_json,
-    parse_id,
 )
 
 ENTRIES_PAGE_LIMIT_DEFAULT: Final = 20
@@ -58,28 +56,11 @@ async def get_account(request: web.Request) -> web.Response:
     return web.Response(body=encode(account_json(account)), content_type="application/json")
 
 
-def _page_limit(request: web.Request) -> int:
-    text = request.query.get("limit", str(ENTRIES_PAGE_LIMIT_DEFAULT))
-    # isascii(): str.isdigit() also accepts digits such as "²" that int() refuses.
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= ENTRIES_PAGE_LIMIT_MAX:
-        raise invalid("limit", f"limit must be an integer from 1 to {ENTRIES_PAGE_LIMIT_MAX}")
-    return int(text)
-
-
-def _cursor(request: web.Request) -> int | None:
-    text = request.query.get("starting_after")
-    if text is None:
-        return None
-    cursor = parse_id(text)
-    if cursor is None:
-        raise ProblemError("invalid_cursor", detail=f"{text!r} is not a cursor of this list")
-    return cursor
-
-
 @routes.get("/v1/accounts/{account_id}/entries")
 async def list_entries(request: web.Request) -> web.Response:
     account_id = _account_id(request)
-    limit, cursor = _page_limit(request), _cursor(request)
+    limit = page_limit(request, default=ENTRIES_PAGE_LIMIT_DEFAULT, maximum=ENTRIES_PAGE_LIMIT_MAX)
+    cursor = page_cursor(request)
     try:
         page = await request.app[ENGINE].entries(
             account_id, scope=caller_scope(request), limit=limit, starting_after=cursor

@@ -8,7 +8,8 @@ import dataclasses
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from engine import Engine
+from engine.engine import utc_now
 from gateway import metrics
 from gateway.app import make_app
 from gateway.openapi import document
@@ -133,8 +135,11 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def serving(dsn: str) -> AsyncIterator[Api]:
-    engine = await Engine.open(dsn, config=TEST_ENGINE_CONFIG, observer=metrics.EngineMetrics())
+async def serving(dsn: str, *, clock: Callable[[], datetime] | None = None) -> AsyncIterator[Api]:
+    """The app on a fresh engine; `clock` drives the engine's time (default: the wall's)."""
+    engine = await Engine.open(
+        dsn, config=TEST_ENGINE_CONFIG, observer=metrics.EngineMetrics(), clock=clock or utc_now
+    )
     settings = dataclasses.replace(from_env(), access_log=False, body_size_max_bytes=BODY_SIZE_MAX)
     client = TestClient(TestServer(make_app(engine, settings)))
     await client.start_server()

@@ -18,6 +18,7 @@ import pytest
 
 from engine import Unavailable
 from gateway.problems import PROBLEM_TYPES
+from tests.engine.products.webhook_support import queue_delivery
 from tests.gateway.support import (
     BODY_SIZE_MAX,
     DOCUMENT,
@@ -624,6 +625,20 @@ async def test_real_responses_match_the_document(api: Api, world: World) -> None
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         await check("GET", path, path)
     await check("GET", "/problems/{code}", "/problems/insufficient_funds")
+    today = api.engine.clock().date()
+    await check(
+        "GET",
+        "/v1/accounts/{account_id}/statements/{date}",
+        f"/v1/accounts/{world.user}/statements/{today}.csv",
+    )
+    delivery_id = await queue_delivery(api.engine, "http://127.0.0.1:1/notify")
+    await check("GET", "/v1/webhook_deliveries", "/v1/webhook_deliveries?status=pending")
+    await check(
+        "POST",
+        "/v1/webhook_deliveries/{delivery_id}/redeliver",
+        f"/v1/webhook_deliveries/{delivery_id}/redeliver",
+        {},
+    )
     assert covered == {
         (method.upper(), path) for path, ops in DOCUMENT["paths"].items() for method in ops
     }
