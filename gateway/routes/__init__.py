@@ -2,6 +2,13 @@
 
 from aiohttp import web
 
-from gateway.routes import accounts, system, transfers
+from gateway.routes import accounts, channels, system, topups, transfers, withdrawals
 
-ROUTES: list[web.AbstractRouteDef] = [*accounts.ROUTES, *transfers.ROUTES, *system.ROUTES]
+ROUTES: list[web.AbstractRouteDef] = [
+    *accounts.ROUTES,
+    *transfers.ROUTES,
+    *topups.ROUTES,
+    *withdrawals.ROUTES,
+    *channels.ROUTES,
+    *system.ROUTES,
+]
