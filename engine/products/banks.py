@@ -241,7 +241,7 @@ class ConvenienceCash(Channel):
             "reference": payment_reference(order.request_id),
             "amount_minor": order.amount_minor,
             "currency": order.currency,
-            "pay_before": order.deadline_at.isoformat(),
+            "pay_before": order.deadline_at,
         }
 
 
