@@ -111,6 +111,7 @@ _COLUMNS: Final = """id, kind, channel, account_id, amount_minor, currency, hold
 _INSERT: Final = f"""
 INSERT INTO channel_requests ({_COLUMNS}, scope)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $13, $14, $15, $16, $17)
+RETURNING {_COLUMNS}
 """
 _LOCK: Final = f"SELECT {_COLUMNS} FROM channel_requests WHERE id = $1 AND channel = $2 FOR UPDATE"
 _READ: Final = f"SELECT {_COLUMNS} FROM channel_requests WHERE id = $1 AND scope = $2 AND kind = $3"
@@ -219,11 +220,7 @@ def open_request(
             result.transfers[0].id, RequestState.PENDING.value, destination, notify_url,
             orjson.dumps(metadata).decode(), None, None, deadline_at, s.now, None, s.scope,
         )  # fmt: skip
-        await s.conn.execute(_INSERT, *values)
-        row = await s.conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM channel_requests WHERE id = $1", request_id
-        )
-        return _view(row)
+        return _view(await s.conn.fetchrow(_INSERT, *values))
 
     return step
 

@@ -137,9 +137,9 @@ async def callback(request: web.Request) -> web.Response:
         raise ProblemError("callback_signature_invalid", detail=str(error)) from None
     except CallbackMalformed as error:
         raise invalid("$", str(error)) from None
-    request_id = int(message.request_id)
-    scope = await request_scope(engine, request_id, channel=name)
-    if scope is None:
+    request_id = parse_id(message.request_id)  # None: beyond int64, never one of ours
+    scope = None if request_id is None else await request_scope(engine, request_id, channel=name)
+    if request_id is None or scope is None:
         raise ProblemError("channel_request_not_found", detail=f"no {name} request {request_id}")
     outcome = await run_unkeyed(
         request, settle(channel=name, callback=message), answer_type=CallbackAnswer, scope=scope

@@ -438,6 +438,12 @@ async def test_callbacks_that_do_not_fit_the_request_are_refused(dsn: str) -> No
             404,
             "channel_request_not_found",
         )
+        huge = wrong.replace(topup["id"].encode(), b"9" * 19)
+        assert_problem(
+            await s.callback("ebank", huge, _signed("ebank", huge, now)),
+            404,
+            "channel_request_not_found",
+        )
         # The request exists, but at another channel.
         body = s.bank.callback_body(s.order("ebank", topup["id"]), status="succeeded")
         assert_problem(
