@@ -1,18 +1,20 @@
 """Bank channels: one adapter per way money enters or leaves a wallet through a bank.
 
 Each adapter is a small class behind one interface (`Channel`): which directions it
-serves, how long its bank may take to answer, what it asks the bank (the order sent to
-`{base_url}/v1/{channel}/collect` or `/pay`), what the payer needs to finish a top-up
-(a redirect, a payment slip), and how it checks that a callback came from its bank.
+serves, how long its bank may take to answer, how it asks the bank (`ask`: one signed
+POST of the order to `{base_url}/v1/{channel}/collect` or `/pay`), what the payer needs
+to finish a top-up (a redirect, a payment slip), and how it checks that a callback came
+from its bank (`verify_callback`).
 
 Both directions are signed with the channel's shared secret, in the manner of Stripe's
 webhooks: a header `Bank-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "t.body">`,
 several v1 values allowed (secret rotation), compared in constant time, and refused when
 the timestamp is more than 300 s away from our clock (a replayed old callback).
 
-`Banks` holds the configured channels and one aiohttp client. A bank is asked only after
-the hold's transaction has committed; a request that cannot be delivered is tried a
-bounded number of times and then left to the request's deadline (engine.products.channels).
+`Banks` holds the configured channels, one aiohttp client and the retry policy. A bank is
+asked only after the hold's transaction has committed; an order that cannot be delivered
+is tried a bounded number of times and then left to the request's deadline
+(engine.products.channels).
 """
 
 from __future__ import annotations
@@ -178,6 +180,32 @@ class Channel:
         """What the payer needs to finish a top-up; None when the bank acts alone."""
         return None
 
+    async def ask(
+        self,
+        session: aiohttp.ClientSession,
+        order: BankOrder,
+        *,
+        callback_url: str,
+        now: datetime,
+    ) -> SendOutcome | None:
+        """One attempt to hand `order` to the bank, signed; None: worth trying again (a 5xx).
+        Raises aiohttp.ClientError or TimeoutError when the bank cannot be reached."""
+        body = _ENCODER.encode(self.order_body(order, callback_url=callback_url))
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: signature_header(self.config.secret, int(now.timestamp()), body),
+        }
+        url = self.config.base_url.rstrip("/") + self.path(order.direction)
+        async with session.post(url, data=body, headers=headers) as response:
+            if response.status < 300:
+                return SendOutcome.ACCEPTED
+            if response.status < 500:
+                _log.warning(
+                    "bank refused an order", extra={"channel": self.name, "status": response.status}
+                )
+                return SendOutcome.REFUSED
+        return None
+
     def verify_callback(self, header: str | None, body: bytes, *, now: datetime) -> BankCallback:
         """The callback's content, if the channel's bank sent it recently; else raise."""
         verify_signature((self.config.secret,), header, body, now_s=int(now.timestamp()))
@@ -312,31 +340,21 @@ class Banks:
         """Hand `order` to the channel's bank, with bounded retries. Never called inside a
         database transaction: the hold it is about has committed."""
         assert self._session is not None, "Banks.start() first"
-        body = _ENCODER.encode(channel.order_body(order, callback_url=self.callback_url(channel)))
-        url = channel.config.base_url.rstrip("/") + channel.path(order.direction)
+        callback_url = self.callback_url(channel)
         backoff_s = self.config.retry_backoff_s
         for attempt in range(1, self.config.send_attempts_max + 1):
-            headers = {
-                "Content-Type": "application/json",
-                SIGNATURE_HEADER: signature_header(
-                    channel.config.secret, int(now.timestamp()), body
-                ),
-            }
             try:
-                async with self._session.post(url, data=body, headers=headers) as response:
-                    if response.status < 300:
-                        return SendOutcome.ACCEPTED
-                    if 400 <= response.status < 500:
-                        _log.warning(
-                            "bank refused an order",
-                            extra={"channel": channel.name, "status": response.status},
-                        )
-                        return SendOutcome.REFUSED
+                outcome = await channel.ask(
+                    self._session, order, callback_url=callback_url, now=now
+                )
             except (TimeoutError, aiohttp.ClientError) as exc:
                 _log.info(
                     "bank unreachable",
                     extra={"channel": channel.name, "attempt": attempt, "error": repr(exc)},
                 )
+                outcome = None
+            if outcome is not None:
+                return outcome
             if attempt < self.config.send_attempts_max:
                 await asyncio.sleep(backoff_s)
                 backoff_s *= 2
