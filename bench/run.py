@@ -266,8 +266,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_s": args.warmup_s,
         "cpus": os.cpu_count(),
         # Server settings changed through the environment, which pass on to the server.
+        # Secrets (channel secrets ...) are named, never written.
         "server_env": " ".join(
-            f"{k}={v}"
+            f"{k}={'***' if k.endswith('_SECRET') else v}"
             for k, v in sorted(os.environ.items())
             if k.startswith("TXENGINE_") and k not in _SET_BY_BENCH
         ),

@@ -15,10 +15,12 @@ from typing import Final
 from aiohttp import web
 
 from engine import Engine, EngineError
+from engine.products.banks import Banks
 from gateway import metrics
 from gateway.commands import ENGINE, REQUEST_ID, problem_code_of
 from gateway.problems import ProblemError, problem
 from gateway.routes import ROUTES
+from gateway.routes.channels import BANKS
 from gateway.settings import Settings
 
 REQUEST_ID_HEADER: Final = "X-Request-Id"
@@ -127,4 +129,12 @@ def make_app(engine: Engine, settings: Settings) -> web.Application:
             await task
 
     app.cleanup_ctx.append(lane_depth_reporter)
+    banks = app[BANKS] = Banks(settings.channels, config=settings.banks)
+
+    async def bank_client(app: web.Application) -> AsyncIterator[None]:
+        await banks.start()
+        yield
+        await banks.close()
+
+    app.cleanup_ctx.append(bank_client)
     return app

@@ -68,8 +68,13 @@ async def run(
     body: Any,
     render: Callable[[T], dict[str, Any]],
     status: int,
+    after_commit: Callable[[T], Awaitable[None]] | None = None,
 ) -> web.Response:
-    """Run a product step once under the request's idempotency key and answer it."""
+    """Run a product step once under the request's idempotency key and answer it.
+
+    `after_commit` runs with the step's value (a first answer or a replayed one) once the
+    transaction committed and before the answer is sent: the place for work that must
+    not hold a transaction open, such as asking a bank."""
     scope = caller_scope(request)
     idempotency = idempotency_of(request, scope=scope, operation=operation, body=body)
     try:
@@ -78,10 +83,25 @@ async def run(
         )
     except EngineError as error:
         raise _problem_error(request, error) from None
+    if after_commit is not None and outcome.value is not None:
+        await after_commit(outcome.value)
     response = outcome_response(outcome, render=render, status=status)
     if outcome.replayed:
         response.headers[REPLAYED_HEADER] = "true"
     return response
+
+
+async def run_unkeyed(
+    request: web.Request, step: Callable[[Step], Awaitable[T]], *, answer_type: type[T], scope: str
+) -> Outcome[T]:
+    """Run a product step that has no Idempotency-Key because its own rows guard it (a
+    bank's callback: the request's state says whether it was applied)."""
+    try:
+        return await run_step(
+            request.app[ENGINE], step, answer_type=answer_type, scope=scope, idempotency=None
+        )
+    except EngineError as error:
+        raise _problem_error(request, error) from None
 
 
 def outcome_response(

@@ -8,10 +8,12 @@ route exists.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 import msgspec
 
+from engine.products.banks import SIGNATURE_HEADER, BankCallback
+from gateway.channel_schemas import ChannelName, TopupCreate, WithdrawalCreate
 from gateway.problems import PROBLEM_TYPES
 from gateway.schemas import (
     AccountCreate,
@@ -29,6 +31,9 @@ _REQUEST_TYPES: Final = (
     TransferPost,
     TransferVoid,
     WebhookRedeliver,
+    TopupCreate,
+    WithdrawalCreate,
+    BankCallback,
 )
 _BODY_OPTIONAL: Final = ("TransferPost", "TransferVoid", "WebhookRedeliver")
 
@@ -42,6 +47,10 @@ _METADATA: Final = {"type": "object", "additionalProperties": {"type": "string"}
 
 def _object(properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": sorted(properties)}
+
+
+def _ref_schema(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
 
 
 _RESPONSE_SCHEMAS: Final[dict[str, Any]] = {
@@ -132,6 +141,47 @@ _RESPONSE_SCHEMAS: Final[dict[str, Any]] = {
             "object": {"const": "list"},
             "data": {"type": "array", "items": {"$ref": "#/components/schemas/WebhookDelivery"}},
             "has_more": {"type": "boolean"},
+        }
+    ),
+    **{
+        name: _object(
+            {
+                "object": {"const": kind},
+                "id": _ID,
+                "channel": {"enum": list(get_args(ChannelName))},
+                "account_id": _ID,
+                "amount_minor": _INT64,
+                "currency": {"type": "string"},
+                "state": {"enum": ["pending", "succeeded", "failed", "timed_out"]},
+                "hold_id": _ID,
+                "destination": {
+                    "anyOf": [{"type": "string"}, {"type": "null"}],
+                    "description": "Withdrawals: the destination, all but its end masked",
+                },
+                "bank_reference": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "failure_reason": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "metadata": _METADATA,
+                "expires_at": {
+                    **_TIME,
+                    "description": "No answer from the bank by then: "
+                    "the request times out and its hold is voided",
+                },
+                "created_at": _TIME,
+                "resolved_at": _NULLABLE_TIME,
+                "instructions": {
+                    "anyOf": [{"type": "object"}, {"type": "null"}],
+                    "description": "What the payer does to finish a top-up: a redirect "
+                    "(ebank), a remittance number (postal), a payment slip (cash)",
+                },
+            }
+        )
+        for name, kind in (("Topup", "topup"), ("Withdrawal", "withdrawal"))
+    },
+    "ChannelCallback": _object(
+        {
+            "object": {"const": "channel_callback"},
+            "outcome": {"enum": ["applied", "duplicate"]},
+            "request": {"anyOf": [_ref_schema("Topup"), _ref_schema("Withdrawal")]},
         }
     ),
     "Problem": {
@@ -268,6 +318,53 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
                     "description": "RFC 4180 CSV with a header line; amounts in minor units",
                     "content": {"text/csv": {"schema": {"type": "string"}}},
                 },
+                "default": _PROBLEM,
+            },
+        }
+    },
+    "/v1/topups": {
+        "post": _command("Top up a wallet through a bank channel", "TopupCreate", "Topup", 201)
+    },
+    "/v1/topups/{topup_id}": {"get": _read("Read a top-up", "Topup", [_path_id("topup_id")])},
+    "/v1/withdrawals": {
+        "post": _command(
+            "Withdraw to a bank through a channel (held until the bank pays)",
+            "WithdrawalCreate",
+            "Withdrawal",
+            201,
+        )
+    },
+    "/v1/withdrawals/{withdrawal_id}": {
+        "get": _read("Read a withdrawal", "Withdrawal", [_path_id("withdrawal_id")])
+    },
+    "/v1/channels/{channel}/callbacks": {
+        "post": {
+            "summary": "A bank reports how a top-up or withdrawal ended (signed)",
+            "description": "Called by banks, not partners. Idempotent by the request's "
+            "state: the first authentic callback posts or voids the hold; a repeat is "
+            "answered 200 with outcome duplicate and changes nothing.",
+            "parameters": [
+                {
+                    "name": "channel",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"enum": list(get_args(ChannelName))},
+                },
+                {
+                    "name": SIGNATURE_HEADER,
+                    "in": "header",
+                    "required": True,
+                    "description": "t=<unix seconds>,v1=<hex HMAC-SHA256 of 't.body' with "
+                    "the channel's secret>; refused when more than 300 s old",
+                    "schema": {"type": "string"},
+                },
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("BankCallback")}},
+            },
+            "responses": {
+                "200": _json("ChannelCallback", "The callback was applied, or was a repeat"),
                 "default": _PROBLEM,
             },
         }

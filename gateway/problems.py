@@ -60,6 +60,19 @@ PROBLEM_TYPES: Final = _types(
     ProblemType(
         ResultCode.IDEMPOTENCY_KEY_REUSED, 422, "The key was used before with another request"
     ),
+    # Bank channels: top-ups, withdrawals and the banks' callbacks.
+    ProblemType("channel_not_found", 404, "No such bank channel"),
+    ProblemType("topup_not_found", 404, "No such top-up"),
+    ProblemType("withdrawal_not_found", 404, "No such withdrawal"),
+    ProblemType("channel_request_not_found", 404, "No such top-up or withdrawal at this channel"),
+    ProblemType("channel_direction_unsupported", 422, "This channel does not serve this direction"),
+    ProblemType("channel_account_invalid", 422, "Only user and merchant accounts use channels"),
+    ProblemType(
+        "callback_signature_invalid", 401, "The callback's signature is missing, wrong or stale"
+    ),
+    ProblemType("callback_mismatch", 422, "The callback's amount or currency is not the request's"),
+    ProblemType("channel_request_timed_out", 409, "The request timed out before the bank answered"),
+    ProblemType("channel_callback_conflict", 409, "The request was already resolved otherwise"),
     # Try again: the same request may succeed later. Retry with the same key.
     ProblemType("idempotency_key_in_flight", 409, "A request with this key is in progress"),
     ProblemType("overloaded", 503, "Too many requests are waiting; retry shortly"),

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Final
 
 from engine import EngineConfig, LaneConfig
+from engine.products.banks import CHANNEL_TYPES, BanksConfig, ChannelConfig
 
 ENV_PREFIX: Final = "TXENGINE_"
+BANK_URL_DEFAULT: Final = "http://127.0.0.1:8091"  # `python -m banksim --port 8091`
 
 
 def _env(name: str, default: str) -> str:
@@ -45,6 +47,10 @@ class Settings:
     sweeper: bool
     webhooks: bool  # run a webhook dispatcher in this process
     shutdown_timeout_s: float
+    # Bank channels: where each bank is, the secret shared with it (never logged: the
+    # field is left out of repr), and how txengine is reached for callbacks.
+    channels: dict[str, ChannelConfig] = dataclasses.field(repr=False)
+    banks: BanksConfig
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -90,4 +96,29 @@ def from_env() -> Settings:
         # work without sending an attempt twice); set 0 to keep a process out of it.
         webhooks=_bool("WEBHOOKS", True),
         shutdown_timeout_s=float(_env("SHUTDOWN_TIMEOUT_S", "30")),
+        channels=_channels(),
+        banks=BanksConfig(
+            callback_base_url=_env(
+                "CALLBACK_BASE_URL", f"http://{_env('HOST', '127.0.0.1')}:{_int('PORT', 8080)}"
+            ),
+            request_timeout_s=float(_env("BANK_REQUEST_TIMEOUT_S", "5")),
+            send_attempts_max=_int("BANK_SEND_ATTEMPTS_MAX", 3),
+        ),
     )
+
+
+def _channels() -> dict[str, ChannelConfig]:
+    """Every channel, each at TXENGINE_CHANNEL_<NAME>_URL (default TXENGINE_BANK_URL)
+    with secret TXENGINE_CHANNEL_<NAME>_SECRET. The embedded secrets are for development
+    with the bank simulator only; a deployment sets its own."""
+    bank_url = _env("BANK_URL", BANK_URL_DEFAULT)
+    channels = {}
+    for channel_type in CHANNEL_TYPES:
+        prefix = f"CHANNEL_{channel_type.name.upper()}_"
+        deadline = _env(prefix + "DEADLINE_S", "")
+        channels[channel_type.name] = ChannelConfig(
+            base_url=_env(prefix + "URL", bank_url),
+            secret=_env(prefix + "SECRET", f"txengine-dev-secret-{channel_type.name}"),
+            deadline_s=int(deadline) if deadline else None,
+        )
+    return channels

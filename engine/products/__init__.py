@@ -7,12 +7,13 @@ Timed transitions (trades closing unpaid, auto-confirming, orders expiring) are 
 `run_once` jobs that the sweeper runs (TIMER_JOBS), so a restart resumes them.
 """
 
+# Every product's timer jobs, run by the sweeper. Each product module imports step and
+# timers itself, so the order of these imports does not matter.
+from engine.products import channels
 from engine.products.step import Outcome, Refusal, RefusalView, Step, run_step
 from engine.products.timers import TimerJob
 
-# Every product's timer jobs, run by the sweeper. Product modules are imported after
-# step and timers, which they build on.
-TIMER_JOBS: tuple[TimerJob, ...] = ()
+TIMER_JOBS: tuple[TimerJob, ...] = (channels.TIME_OUT,)
 
 __all__ = [
     "TIMER_JOBS",

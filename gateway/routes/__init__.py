@@ -2,12 +2,24 @@
 
 from aiohttp import web
 
-from gateway.routes import accounts, statements, system, transfers, webhooks
+from gateway.routes import (
+    accounts,
+    channels,
+    statements,
+    system,
+    topups,
+    transfers,
+    webhooks,
+    withdrawals,
+)
 
 ROUTES: list[web.AbstractRouteDef] = [
     *accounts.ROUTES,
     *statements.ROUTES,
     *transfers.ROUTES,
+    *topups.ROUTES,
+    *withdrawals.ROUTES,
+    *channels.ROUTES,
     *webhooks.ROUTES,
     *system.ROUTES,
 ]

@@ -32,6 +32,9 @@ from tests.gateway.support import (
     validate_response,
 )
 
+# Products' routes are exercised by their own test modules (test_channels.py ...).
+PRODUCT_PATHS: Final = ("/v1/topups", "/v1/withdrawals", "/v1/channels/")
+
 
 async def test_accounts_open_and_read(api: Api) -> None:
     created = await api.post(
@@ -640,7 +643,10 @@ async def test_real_responses_match_the_document(api: Api, world: World) -> None
         {},
     )
     assert covered == {
-        (method.upper(), path) for path, ops in DOCUMENT["paths"].items() for method in ops
+        (method.upper(), path)
+        for path, ops in DOCUMENT["paths"].items()
+        for method in ops
+        if not path.startswith(PRODUCT_PATHS)
     }
 
     # Problems are documented as the default response of every operation.
