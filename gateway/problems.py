@@ -53,6 +53,9 @@ PROBLEM_TYPES: Final = _types(
     ProblemType(ResultCode.TRANSFER_ALREADY_RESOLVED, 409, "The hold was posted or voided"),
     ProblemType(ResultCode.PENDING_TRANSFER_EXPIRED, 409, "The hold's timeout has passed"),
     ProblemType(
+        ResultCode.TRANSFER_HELD_BY_PRODUCT, 409, "The hold belongs to a product such as a trade"
+    ),
+    ProblemType(
         ResultCode.POST_AMOUNT_EXCEEDS_PENDING, 422, "Cannot post more than the hold holds"
     ),
     ProblemType(
