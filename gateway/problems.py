@@ -61,6 +61,15 @@ PROBLEM_TYPES: Final = _types(
     ProblemType(
         ResultCode.IDEMPOTENCY_KEY_REUSED, 422, "The key was used before with another request"
     ),
+    # Escrow trades (engine/products/trades.py): each refusal changes nothing.
+    ProblemType("trade_not_found", 404, "No such trade"),
+    ProblemType("trade_state_conflict", 409, "The trade's state does not allow this step"),
+    ProblemType("trade_pay_expired", 409, "The time to pay for the trade has passed"),
+    ProblemType("trade_refund_window_closed", 409, "The trade's refund window has closed"),
+    ProblemType("out_trade_no_taken", 409, "The seller already has a trade with this number"),
+    ProblemType("refund_exceeds_paid", 409, "Refunds would exceed what the buyer paid"),
+    ProblemType("out_request_no_reused", 409, "This refund number was used for another amount"),
+    ProblemType("refund_limit_reached", 409, "The trade has taken its most refunds"),
     # Try again: the same request may succeed later. Retry with the same key.
     ProblemType("idempotency_key_in_flight", 409, "A request with this key is in progress"),
     ProblemType("overloaded", 503, "Too many requests are waiting; retry shortly"),

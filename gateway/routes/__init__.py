@@ -2,6 +2,11 @@
 
 from aiohttp import web
 
-from gateway.routes import accounts, system, transfers
+from gateway.routes import accounts, system, trades, transfers
 
-ROUTES: list[web.AbstractRouteDef] = [*accounts.ROUTES, *transfers.ROUTES, *system.ROUTES]
+ROUTES: list[web.AbstractRouteDef] = [
+    *accounts.ROUTES,
+    *transfers.ROUTES,
+    *trades.ROUTES,
+    *system.ROUTES,
+]
