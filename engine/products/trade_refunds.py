@@ -33,6 +33,7 @@ from engine.products.fees import FEES_HOUSE_ACCOUNT
 from engine.products.step import Refusal, Step
 from engine.products.trades import (
     OUT_NO_PATTERN,
+    REFUNDABLE,
     CloseReason,
     TradeState,
     TradeView,
@@ -184,13 +185,7 @@ def _same_request(found: RefundView, request: RefundRequest, trade: TradeView) -
 
 
 async def _check_refundable(s: Step, trade: TradeView, amount_minor: int) -> None:
-    require_state(
-        trade,
-        TradeState.WAIT_SELLER_SEND_GOODS,
-        TradeState.WAIT_BUYER_CONFIRM_GOODS,
-        TradeState.TRADE_SUCCESS,
-        action="refund",
-    )
+    require_state(trade, *sorted(REFUNDABLE), action="refund")
     if trade.state is TradeState.TRADE_SUCCESS:
         assert trade.finish_at is not None
         if s.now >= trade.finish_at:

@@ -53,6 +53,15 @@ class TradeState(enum.StrEnum):
     TRADE_CLOSED = "TRADE_CLOSED"  # unpaid in time, closed by the seller, or fully refunded
 
 
+REFUNDABLE: Final = frozenset(
+    {
+        TradeState.WAIT_SELLER_SEND_GOODS,
+        TradeState.WAIT_BUYER_CONFIRM_GOODS,
+        TradeState.TRADE_SUCCESS,
+    }
+)
+
+
 class CloseReason(enum.StrEnum):
     PAY_TIMEOUT = "pay_timeout"  # the buyer did not pay in time (timer)
     SELLER_CLOSED = "seller_closed"  # the seller closed it before payment
@@ -178,9 +187,9 @@ class TradeView(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def refundable_minor(self) -> int:
-        """What may still go back to the buyer: all that was paid and not yet refunded."""
-        paid = self.state not in (TradeState.WAIT_BUYER_PAY, TradeState.TRADE_CLOSED)
-        return self.amount_minor - self.refunded_minor if paid else 0
+        """What may still go back to the buyer: what was paid and not yet refunded, in a
+        state that takes refunds."""
+        return self.amount_minor - self.refunded_minor if self.state in REFUNDABLE else 0
 
 
 _FIELDS: Final = tuple(TradeView.__struct_fields__)

@@ -260,6 +260,12 @@ async def test_posts_are_idempotent(api: Api, world: World) -> None:
     assert paid.status == replayed.status == 200 and paid.json == replayed.json
     assert (await api.balance(world.user))["available_minor"] == 10_000 - PRICE
     assert_problem(await _step(api, trade_id, "ship", key=None), 400, "idempotency_key_missing")
+    body = {"out_request_no": "R1", "amount_minor": 300}
+    refunded = await api.post(f"/v1/trades/{trade_id}/refunds", body, key="refund-1")
+    again = await api.post(f"/v1/trades/{trade_id}/refunds", body, key="refund-1")
+    assert refunded.status == again.status == 201 and refunded.json == again.json
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert (await api.balance(world.user))["available_minor"] == 10_000 - PRICE + 300
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,12 @@ from engine import AccountKind, CreateAccount, CreateTransfers, Engine, Idempote
 from engine.products import TIMER_JOBS, Step, run_step
 from engine.products.fees import set_rate_bp
 from engine.products.timers import TimerJob
-from engine.products.trade_refunds import RefundAnswer, RefundRequest, refund
+from engine.products.trade_refunds import (
+    REFUNDS_PER_TRADE_MAX,
+    RefundAnswer,
+    RefundRequest,
+    refund,
+)
 from engine.products.trade_timers import AUTO_CONFIRM, CLOSE_UNPAID, FINISH
 from engine.products.trades import (
     CloseReason,
@@ -34,6 +39,7 @@ from engine.products.trades import (
     ship,
 )
 from engine.reconcile import reconcile
+from engine.sweeper import Sweeper
 from tests.conftest import TEST_ENGINE_CONFIG
 
 T = TypeVar("T")
@@ -663,3 +669,44 @@ async def test_a_timer_does_not_fire_on_a_trade_that_moved_on(shop: Shop) -> Non
     before = await shop.snapshot()
     assert await shop.fire(AUTO_CONFIRM) == 0
     assert await shop.snapshot() == before
+
+
+async def test_the_sweeper_fires_the_trade_timers(shop: Shop) -> None:
+    unpaid = await shop.open_trade(timeout_express="1h")
+    shipped = await shop.advance_to(TradeState.WAIT_BUYER_CONFIRM_GOODS)
+    sweeper = Sweeper(shop.engine)
+    await sweeper.run_once()
+    assert await read_trade(shop.engine, unpaid.id, scope=SCOPE) == unpaid
+    shop.clock.advance(days=10)
+    await sweeper.run_once()
+    closed = await read_trade(shop.engine, unpaid.id, scope=SCOPE)
+    done = await read_trade(shop.engine, shipped.id, scope=SCOPE)
+    assert closed is not None and closed.state is TradeState.TRADE_CLOSED
+    assert done is not None and done.state is TradeState.TRADE_SUCCESS
+    shop.clock.advance(days=90)
+    await sweeper.run_once()
+    finished = await read_trade(shop.engine, shipped.id, scope=SCOPE)
+    assert finished is not None and finished.state is TradeState.TRADE_FINISHED
+    assert await shop.events(shipped.id) == [
+        "trade.paid",
+        "trade.shipped",
+        "trade.succeeded",
+        "trade.finished",
+    ]
+
+
+async def test_a_trade_takes_at_most_its_refund_limit(shop: Shop) -> None:
+    trade = await shop.advance_to(TradeState.WAIT_SELLER_SEND_GOODS)
+    for n in range(REFUNDS_PER_TRADE_MAX):
+        assert (await shop.refund(trade.id, 1, f"r{n}")).value is not None
+    before = await shop.snapshot()
+    outcome = await shop.refund(trade.id, 1, "one_more")
+    assert outcome.refusal is not None and outcome.refusal.code == "refund_limit_reached"
+    assert await shop.snapshot() == before
+    found = await read_trade(shop.engine, trade.id, scope=SCOPE)
+    assert found is not None and found.held_minor == PRICE - REFUNDS_PER_TRADE_MAX
+    assert await shop.hold_of(found) == {
+        "amount_minor": PRICE - REFUNDS_PER_TRADE_MAX,
+        "status": "pending",
+    }
+    await shop.assert_reconciled()
