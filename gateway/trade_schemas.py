@@ -6,7 +6,7 @@ only turns a decoded body into the engine's value or a validation problem.
 
 from __future__ import annotations
 
-from typing import Annotated, Final
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
@@ -35,25 +35,22 @@ OutNo = Annotated[
 ]
 
 
-def _express(terms: tuple[str, str, str], what: str) -> object:
+def _express(terms: tuple[str, str, str], what: str) -> Meta:
     default, least, most = terms
-    return Annotated[
-        str,
-        Meta(
-            pattern=EXPRESS_PATTERN,
-            description=f"{what}: minutes, hours or days (90m, 2h, 15d), {least} to {most}; "
-            f"default {default}",
-        ),
-    ]
+    return Meta(
+        pattern=EXPRESS_PATTERN,
+        description=f"{what}: minutes, hours or days (90m, 2h, 15d), {least} to {most}; "
+        f"default {default}",
+    )
 
 
-TimeoutExpress: Final = _express(TIMEOUT_EXPRESS, "Time to pay before the trade closes")
-ConfirmExpress: Final = _express(
-    CONFIRM_TIMEOUT_EXPRESS, "Time after shipping before the trade confirms itself"
-)
-RefundWindowExpress: Final = _express(
-    REFUND_WINDOW_EXPRESS, "Time after success during which refunds are taken"
-)
+TimeoutExpress = Annotated[str, _express(TIMEOUT_EXPRESS, "Time to pay before the trade closes")]
+ConfirmExpress = Annotated[
+    str, _express(CONFIRM_TIMEOUT_EXPRESS, "Time after shipping before the trade confirms itself")
+]
+RefundWindowExpress = Annotated[
+    str, _express(REFUND_WINDOW_EXPRESS, "Time after success during which refunds are taken")
+]
 
 
 class TradeCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -63,9 +60,9 @@ class TradeCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     amount_minor: AmountMinor
     currency: Currency
     subject: Annotated[str, Meta(min_length=1, max_length=SUBJECT_LENGTH_MAX)]
-    timeout_express: TimeoutExpress = TIMEOUT_EXPRESS[0]  # type: ignore[valid-type]
-    confirm_timeout_express: ConfirmExpress = CONFIRM_TIMEOUT_EXPRESS[0]  # type: ignore[valid-type]
-    refund_window_express: RefundWindowExpress = REFUND_WINDOW_EXPRESS[0]  # type: ignore[valid-type]
+    timeout_express: TimeoutExpress = TIMEOUT_EXPRESS[0]
+    confirm_timeout_express: ConfirmExpress = CONFIRM_TIMEOUT_EXPRESS[0]
+    refund_window_express: RefundWindowExpress = REFUND_WINDOW_EXPRESS[0]
     notify_url: Annotated[str, Meta(max_length=NOTIFY_URL_LENGTH_MAX)] | None = None
 
 
