@@ -4,10 +4,12 @@ OpenAPI document."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
+from engine.reconcile import reconcile
 from tests.gateway.support import (
     DOCUMENT,
     UNKNOWN_ID,
@@ -15,6 +17,8 @@ from tests.gateway.support import (
     Reply,
     World,
     assert_problem,
+    make_world,
+    serving,
     snapshot,
     validate_request,
     validate_response,
@@ -318,3 +322,48 @@ async def test_unknown_trades_are_404(api: Api, world: World) -> None:
         "out_trade_no=A&seller_account_id=x",
     ):
         assert_problem(await api.get(f"/v1/trades?{query}"), 400, "validation_error")
+
+
+async def test_a_restart_in_the_middle_of_the_flow(dsn: str) -> None:
+    async with serving(dsn) as first:
+        world = await make_world(first)
+        trade_id = await _at(first, world, "WAIT_SELLER_SEND_GOODS")
+        paid_with = await _step(first, trade_id, "pay", key="pay-before-restart")
+        assert_problem(paid_with, 409, "trade_state_conflict")
+    async with serving(dsn) as second:
+        # The stored answer survives the restart, and the flow goes on.
+        again = await _step(second, trade_id, "pay", key="pay-before-restart")
+        assert again.json == paid_with.json and again.headers["Idempotent-Replayed"] == "true"
+        assert (await _step(second, trade_id, "ship")).status == 200
+        done = await _step(second, trade_id, "confirm")
+        assert done.status == 200 and done.json["state"] == "TRADE_SUCCESS"
+        assert (await second.balance(world.merchant))["posted_minor"] == PRICE
+        async with second.engine.pool.acquire() as conn:
+            broken = [o for o in await reconcile(conn) if o.violations]
+        assert broken == []
+
+
+async def test_confirm_and_refunds_racing_over_http_leave_one_outcome(
+    api: Api, world: World
+) -> None:
+    trade_id = await _at(api, world, "WAIT_BUYER_CONFIRM_GOODS")
+    refund = {"out_request_no": "race", "amount_minor": PRICE}
+    replies = await asyncio.gather(
+        _step(api, trade_id, "confirm"),
+        api.post(f"/v1/trades/{trade_id}/refunds", refund),
+        api.post(f"/v1/trades/{trade_id}/refunds", refund),
+        _step(api, trade_id, "confirm"),
+    )
+    confirms = [r for r in (replies[0], replies[3]) if r.status == 200]
+    assert len(confirms) <= 1
+    # The full refund went through (the second answers the same refund by its number).
+    assert replies[1].status == replies[2].status == 201
+    assert replies[1].json["id"] == replies[2].json["id"]
+    trade = (await api.get(f"/v1/trades/{trade_id}")).json
+    assert trade["state"] == "TRADE_CLOSED" and trade["refunded_minor"] == PRICE
+    assert trade["settled_minor"] == (PRICE if confirms else 0)
+    assert (await api.balance(world.user))["available_minor"] == 10_000
+    assert (await api.balance(world.merchant))["posted_minor"] == 0
+    async with api.engine.pool.acquire() as conn:
+        broken = [o for o in await reconcile(conn) if o.violations]
+    assert broken == []
