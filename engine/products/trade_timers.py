@@ -11,6 +11,7 @@ state has moved on).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
@@ -29,6 +30,8 @@ from engine.products.trades import (
 
 if TYPE_CHECKING:
     from engine.engine import Engine
+
+_log = logging.getLogger("txengine.trades")
 
 
 def _due(state: str, deadline: str) -> str:
@@ -56,6 +59,14 @@ async def _fire(
             idempotency=None,
         )
         fired += outcome.value is not None
+        refusal = outcome.refusal
+        if refusal is not None and refusal.code != "trade_state_conflict":
+            # Not a trade that moved on: something refused the transition itself (it
+            # should not happen). The trade stays due and is tried again next pass.
+            _log.warning(
+                "trade timer refused",
+                extra={"trade_id": row["id"], "code": refusal.code, "detail": refusal.detail},
+            )
     return fired
 
 
