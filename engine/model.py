@@ -23,6 +23,12 @@ METADATA_KEY_LENGTH_MAX: Final = 40
 METADATA_VALUE_LENGTH_MAX: Final = 500
 LINKED_TRANSFERS_MAX: Final = 64
 HOLD_TIMEOUT_S_MAX: Final = 30 * 24 * 3600
+# A hold whose metadata carries this key belongs to a product (an escrow trade): only the
+# product's own steps, acting as the operator (scope None), may post or void it, so a
+# partner cannot release a trade's money behind the trade's back. Partners may not set
+# keys with the "txengine." prefix (the gateway refuses them).
+PRODUCT_METADATA_KEY: Final = "txengine.product"
+RESERVED_METADATA_PREFIX: Final = "txengine."
 
 Metadata = dict[str, str]
 
@@ -63,6 +69,7 @@ class ResultCode(enum.StrEnum):
     TRANSFER_ALREADY_RESOLVED = "transfer_already_resolved"
     PENDING_TRANSFER_EXPIRED = "pending_transfer_expired"
     POST_AMOUNT_EXCEEDS_PENDING = "post_amount_exceeds_pending"
+    TRANSFER_HELD_BY_PRODUCT = "transfer_held_by_product"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
 
 

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 from engine.model import (
     INT64_MAX,
+    PRODUCT_METADATA_KEY,
     AccountKind,
     AccountView,
     Command,
@@ -366,6 +367,12 @@ class _BatchState:
         hold = self.holds.get(transfer_id)
         if hold is None or (scope is not None and hold.scope != scope):
             return _failure(ResultCode.TRANSFER_NOT_FOUND, f"no transfer {transfer_id}")
+        if scope is not None and PRODUCT_METADATA_KEY in hold.metadata:
+            product = hold.metadata[PRODUCT_METADATA_KEY]
+            return _failure(
+                ResultCode.TRANSFER_HELD_BY_PRODUCT,
+                f"transfer {transfer_id} is held by a {product}; act on the {product} instead",
+            )
         failure = _resolution_failure(hold, self.now, post_amount, void_kind)
         if failure is not None:
             return _failure(*failure)

@@ -13,6 +13,7 @@ from typing import Any, Final, get_args
 import msgspec
 
 from engine.products.banks import SIGNATURE_HEADER, BankCallback
+from engine.products.trades import CloseReason, ConfirmedBy, TradeState
 from gateway.channel_schemas import ChannelName, TopupCreate, WithdrawalCreate
 from gateway.problems import PROBLEM_TYPES
 from gateway.schemas import (
@@ -22,6 +23,7 @@ from gateway.schemas import (
     TransferPost,
     TransferVoid,
 )
+from gateway.trade_schemas import TradeAction, TradeCreate, TradeRefundCreate
 from gateway.webhook_schemas import WebhookRedeliver
 
 _REQUEST_TYPES: Final = (
@@ -34,8 +36,11 @@ _REQUEST_TYPES: Final = (
     TopupCreate,
     WithdrawalCreate,
     BankCallback,
+    TradeCreate,
+    TradeAction,
+    TradeRefundCreate,
 )
-_BODY_OPTIONAL: Final = ("TransferPost", "TransferVoid", "WebhookRedeliver")
+_OPTIONAL_BODIES: Final = ("TransferPost", "TransferVoid", "WebhookRedeliver", "TradeAction")
 
 _ID: Final = {"type": "string", "pattern": r"^[1-9][0-9]{0,18}$"}
 _NULLABLE_ID: Final = {"anyOf": [_ID, {"type": "null"}]}
@@ -45,8 +50,14 @@ _NULLABLE_TIME: Final = {"anyOf": [_TIME, {"type": "null"}]}
 _METADATA: Final = {"type": "object", "additionalProperties": {"type": "string"}}
 
 
-def _object(properties: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": sorted(properties)}
+def _object(
+    properties: dict[str, Any], *, optional: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {**properties, **(optional or {})},
+        "required": sorted(properties),
+    }
 
 
 def _ref_schema(name: str) -> dict[str, Any]:
@@ -184,6 +195,64 @@ _RESPONSE_SCHEMAS: Final[dict[str, Any]] = {
             "request": {"anyOf": [_ref_schema("Topup"), _ref_schema("Withdrawal")]},
         }
     ),
+    "Trade": _object(
+        {
+            "object": {"const": "trade"},
+            "id": _ID,
+            "out_trade_no": {"type": "string"},
+            "seller_account_id": _ID,
+            "buyer_account_id": _ID,
+            "currency": {"type": "string"},
+            "amount_minor": _INT64,
+            "subject": {"type": "string"},
+            "state": {"enum": [s.value for s in TradeState]},
+            "timeout_express": {"type": "string"},
+            "confirm_timeout_express": {"type": "string"},
+            "refund_window_express": {"type": "string"},
+            "notify_url": {"type": ["string", "null"]},
+            "hold_transfer_id": _NULLABLE_ID,
+            "held_minor": _INT64,
+            "settled_minor": _INT64,
+            "refunded_minor": _INT64,
+            "refundable_minor": _INT64,
+            "fee_minor": _INT64,
+            "fee_refunded_minor": _INT64,
+            "confirmed_by": {"enum": [*(c.value for c in ConfirmedBy), None]},
+            "close_reason": {"enum": [*(c.value for c in CloseReason), None]},
+            "created_at": _TIME,
+            "pay_expires_at": _TIME,
+            "paid_at": _NULLABLE_TIME,
+            "shipped_at": _NULLABLE_TIME,
+            "confirm_expires_at": _NULLABLE_TIME,
+            "succeeded_at": _NULLABLE_TIME,
+            "finish_at": _NULLABLE_TIME,
+            "finished_at": _NULLABLE_TIME,
+            "closed_at": _NULLABLE_TIME,
+        }
+    ),
+    "TradeRefund": _object(
+        {
+            "object": {"const": "trade_refund"},
+            "id": _ID,
+            "trade_id": _ID,
+            "out_request_no": {"type": "string"},
+            "amount_minor": _INT64,
+            "fee_refunded_minor": _INT64,
+            "after_settlement": {"type": "boolean"},
+            "transfer_id": _ID,
+            "reason": {"type": "string"},
+            "created_at": _TIME,
+        },
+        # A refund just made also shows its trade; the list of refunds does not.
+        optional={"trade": {"$ref": "#/components/schemas/Trade"}},
+    ),
+    "TradeRefundList": _object(
+        {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/TradeRefund"}},
+            "has_more": {"type": "boolean"},
+        }
+    ),
     "Problem": {
         "type": "object",
         "description": "RFC 9457 problem details",
@@ -196,6 +265,11 @@ _RESPONSE_SCHEMAS: Final[dict[str, Any]] = {
             "code": {"enum": sorted(PROBLEM_TYPES)},
             "failed_index": {"type": "integer"},
             "errors": {"type": "array", "items": {"type": "object"}},
+            "state": {"description": "The trade's state, when it refused a step"},
+            "trade_id": _ID,
+            "refund_id": _ID,
+            "refundable_minor": _INT64,
+            "field": {"type": "string"},
         },
         "required": ["type", "title", "status", "code"],
     },
@@ -233,7 +307,7 @@ def _command(summary: str, request: str, response: str, status: int, **extra: An
         "summary": summary,
         "parameters": [_IDEMPOTENCY_KEY, *extra.get("parameters", [])],
         "requestBody": {
-            "required": request not in _BODY_OPTIONAL,
+            "required": request not in _OPTIONAL_BODIES,
             "content": {"application/json": {"schema": _ref(request)}},
         },
         "responses": {str(status): _json(response, summary), "default": _PROBLEM},
@@ -391,6 +465,46 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
             200,
             parameters=[_path_id("delivery_id")],
         )
+    },
+    "/v1/trades": {
+        "post": _command("Open an escrow trade (the seller)", "TradeCreate", "Trade", 201),
+        "get": _read(
+            "Find a trade by the seller's out_trade_no (like alipay.trade.query)",
+            "Trade",
+            [
+                {
+                    "name": "out_trade_no",
+                    "in": "query",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": r"^[A-Za-z0-9_]{1,64}$"},
+                },
+                {"name": "seller_account_id", "in": "query", "required": True, "schema": _ID},
+            ],
+        ),
+    },
+    "/v1/trades/{trade_id}": {"get": _read("Read a trade", "Trade", [_path_id("trade_id")])},
+    **{
+        f"/v1/trades/{{trade_id}}/{action}": {
+            "post": _command(
+                summary, "TradeAction", "Trade", 200, parameters=[_path_id("trade_id")]
+            )
+        }
+        for action, summary in (
+            ("pay", "Pay a trade (the buyer): the money is held for the seller"),
+            ("ship", "Mark a paid trade shipped (the seller): the auto-confirm clock starts"),
+            ("confirm", "Confirm receipt (the buyer): settle to the seller less the fee"),
+            ("close", "Close an unpaid trade (the seller)"),
+        )
+    },
+    "/v1/trades/{trade_id}/refunds": {
+        "post": _command(
+            "Refund a trade in full or in part, keyed by out_request_no",
+            "TradeRefundCreate",
+            "TradeRefund",
+            201,
+            parameters=[_path_id("trade_id")],
+        ),
+        "get": _read("List a trade's refunds", "TradeRefundList", [_path_id("trade_id")]),
     },
     "/healthz": {"get": _plain("The process is alive", "application/json")},
     "/readyz": {"get": _plain("The database answers: ready for traffic", "application/json")},

@@ -55,6 +55,9 @@ PROBLEM_TYPES: Final = _types(
     ProblemType(ResultCode.TRANSFER_ALREADY_RESOLVED, 409, "The hold was posted or voided"),
     ProblemType(ResultCode.PENDING_TRANSFER_EXPIRED, 409, "The hold's timeout has passed"),
     ProblemType(
+        ResultCode.TRANSFER_HELD_BY_PRODUCT, 409, "The hold belongs to a product such as a trade"
+    ),
+    ProblemType(
         ResultCode.POST_AMOUNT_EXCEEDS_PENDING, 422, "Cannot post more than the hold holds"
     ),
     ProblemType(
@@ -73,6 +76,15 @@ PROBLEM_TYPES: Final = _types(
     ProblemType("callback_mismatch", 422, "The callback's amount or currency is not the request's"),
     ProblemType("channel_request_timed_out", 409, "The request timed out before the bank answered"),
     ProblemType("channel_callback_conflict", 409, "The request was already resolved otherwise"),
+    # Escrow trades (engine/products/trades.py): each refusal changes nothing.
+    ProblemType("trade_not_found", 404, "No such trade"),
+    ProblemType("trade_state_conflict", 409, "The trade's state does not allow this step"),
+    ProblemType("trade_pay_expired", 409, "The time to pay for the trade has passed"),
+    ProblemType("trade_refund_window_closed", 409, "The trade's refund window has closed"),
+    ProblemType("out_trade_no_taken", 409, "The seller already has a trade with this number"),
+    ProblemType("refund_exceeds_paid", 409, "Refunds would exceed what the buyer paid"),
+    ProblemType("out_request_no_reused", 409, "This refund number was used for another amount"),
+    ProblemType("refund_limit_reached", 409, "The trade has taken its most refunds"),
     # Try again: the same request may succeed later. Retry with the same key.
     ProblemType("idempotency_key_in_flight", 409, "A request with this key is in progress"),
     ProblemType("overloaded", 503, "Too many requests are waiting; retry shortly"),

@@ -30,6 +30,7 @@ from engine.model import (
     METADATA_KEY_LENGTH_MAX,
     METADATA_KEYS_MAX,
     METADATA_VALUE_LENGTH_MAX,
+    RESERVED_METADATA_PREFIX,
     is_known_currency,
     metadata_error,
 )
@@ -150,6 +151,8 @@ def transfer_spec(body: TransferCreate, *, path: str = "$") -> TransferSpec:
 
 def _check_metadata(metadata: dict[str, str], path: str) -> None:
     error = metadata_error(metadata)
+    if error is None and any(k.startswith(RESERVED_METADATA_PREFIX) for k in metadata):
+        error = f"metadata keys starting with {RESERVED_METADATA_PREFIX!r} are reserved"
     if error is not None:
         raise invalid(f"{path}.metadata", error)
 

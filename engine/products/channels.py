@@ -31,6 +31,7 @@ import msgspec
 import orjson
 
 from engine.model import (
+    PRODUCT_METADATA_KEY,
     AccountKind,
     CreateTransfers,
     Metadata,
@@ -209,7 +210,13 @@ def open_request(
             amount_minor=amount_minor,
             currency=currency,
             pending=True,  # no timeout_s: the channel's deadline voids it, not the sweeper
-            metadata={"channel": channel.name, f"{kind.value}_id": str(request_id)},
+            # Only the channel may post or void it: a partner voiding a withdrawal's hold
+            # while the bank pays out would release the money twice.
+            metadata={
+                PRODUCT_METADATA_KEY: kind.value,
+                "channel": channel.name,
+                f"{kind.value}_id": str(request_id),
+            },
         )
         # Scope None: the clearing account is the house's; the partner's own account was
         # checked above. A withdrawal beyond the balance is refused here, nothing held.

@@ -24,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from engine.model import (
     INT64_MAX,
+    PRODUCT_METADATA_KEY,
     AccountKind,
     Command,
     CreateAccount,
@@ -667,6 +668,24 @@ def test_scope_isolation(ledger: Ledger) -> None:
     assert plan.results[0].ok and plan.transfers_created[0][1] == "b"
     hold = ledger.hold(bob, alice, 100)
     assert ledger.one(VoidPending(transfer_id=hold, scope=None)).ok
+
+
+def test_a_products_hold_is_resolved_only_by_the_operator(
+    funded: tuple[Ledger, int, int],
+) -> None:
+    ledger, user, merchant = funded
+    spec = msgspec.structs.replace(
+        ledger.spec(user, merchant, 400, pending=True), metadata={PRODUCT_METADATA_KEY: "trade"}
+    )
+    [hold] = ledger.one(CreateTransfers(transfers=(spec,), scope="a")).transfers
+    for command in (
+        PostPending(transfer_id=hold.id, scope="a"),
+        VoidPending(transfer_id=hold.id, scope="a"),
+    ):
+        plan = ledger.run(command)
+        assert plan.results[0].code is ResultCode.TRANSFER_HELD_BY_PRODUCT
+        assert_nothing_written(plan)
+    assert ledger.one(PostPending(transfer_id=hold.id, scope=None)).ok
 
 
 # ---------------------------------------------------------------------------------------

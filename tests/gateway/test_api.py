@@ -33,7 +33,7 @@ from tests.gateway.support import (
 )
 
 # Products' routes are exercised by their own test modules (test_channels.py ...).
-PRODUCT_PATHS: Final = ("/v1/topups", "/v1/withdrawals", "/v1/channels/")
+PRODUCT_PATHS: Final = ("/v1/topups", "/v1/withdrawals", "/v1/channels/", "/v1/trades")
 
 
 async def test_accounts_open_and_read(api: Api) -> None:

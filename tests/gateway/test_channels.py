@@ -302,6 +302,20 @@ async def test_a_withdrawal_holds_the_money_then_settles(dsn: str) -> None:
         await s.assert_consistent()
 
 
+async def test_a_partner_cannot_void_or_post_a_withdrawal_hold_itself(dsn: str) -> None:
+    # Voiding the hold while the bank pays out would hand the money back a second time.
+    async with setup(dsn, latency_ms=300) as s:
+        withdrawal = (await s.withdraw(2_500)).json
+        hold = withdrawal["hold_id"]
+        for action in ("void", "post"):
+            reply = await s.api.post(f"/v1/transfers/{hold}/{action}", {})
+            assert_problem(reply, 409, "transfer_held_by_product")
+        await s.bank.idle()
+        assert (await s.read("withdrawal", withdrawal["id"]))["state"] == "succeeded"
+        assert (await s.balance())["posted_minor"] == 7_500
+        await s.assert_consistent()
+
+
 async def test_a_failed_withdrawal_returns_the_money(dsn: str) -> None:
     async with setup(dsn, failure_rate=1.0) as s:
         withdrawal = (await s.withdraw(2_500, channel="ebank")).json
