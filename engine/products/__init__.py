@@ -10,9 +10,11 @@ Timed transitions (trades closing unpaid, auto-confirming, orders expiring) are 
 from engine.products.step import Outcome, Refusal, RefusalView, Step, run_step
 from engine.products.timers import TimerJob
 
-# Every product's timer jobs, run by the sweeper. Product modules are imported after
-# step and timers, which they build on.
-TIMER_JOBS: tuple[TimerJob, ...] = ()
+# Product modules are imported after step and timers, which they build on.
+from engine.products import orders  # isort: skip
+
+# Every product's timer jobs, run by the sweeper.
+TIMER_JOBS: tuple[TimerJob, ...] = (orders.EXPIRE_JOB,)
 
 __all__ = [
     "TIMER_JOBS",

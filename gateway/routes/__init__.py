@@ -2,6 +2,13 @@
 
 from aiohttp import web
 
-from gateway.routes import accounts, system, transfers
+from gateway.routes import accounts, bills, orders, payment_codes, system, transfers
 
-ROUTES: list[web.AbstractRouteDef] = [*accounts.ROUTES, *transfers.ROUTES, *system.ROUTES]
+ROUTES: list[web.AbstractRouteDef] = [
+    *accounts.ROUTES,
+    *transfers.ROUTES,
+    *orders.ROUTES,
+    *payment_codes.ROUTES,
+    *bills.ROUTES,
+    *system.ROUTES,
+]

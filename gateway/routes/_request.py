@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.problems import ProblemError
-from gateway.schemas import decode_body, parse_id
+from gateway.schemas import decode_body, invalid, parse_id
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -28,4 +28,12 @@ def path_id(request: web.Request, name: str, *, not_found: str) -> int:
     value = parse_id(request.match_info[name])
     if value is None:
         raise ProblemError(not_found, detail=f"no such {name.removesuffix('_id')}")
+    return value
+
+
+def body_id(text: str, path: str) -> int:
+    """The id in body field `path`; one that cannot exist is a validation error."""
+    value = parse_id(text)
+    if value is None:
+        raise invalid(path, f"{text!r} is not a valid id")
     return value

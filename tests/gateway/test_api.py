@@ -623,8 +623,12 @@ async def test_real_responses_match_the_document(api: Api, world: World) -> None
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         await check("GET", path, path)
     await check("GET", "/problems/{code}", "/problems/insufficient_funds")
+    # The products' routes are checked by their own tests (tests/gateway/test_<product>.py).
     assert covered == {
-        (method.upper(), path) for path, ops in DOCUMENT["paths"].items() for method in ops
+        (method.upper(), path)
+        for path, ops in DOCUMENT["paths"].items()
+        for method in ops
+        if not path.startswith("/v1/") or path.startswith(("/v1/accounts", "/v1/transfer"))
     }
 
     # Problems are documented as the default response of every operation.
