@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine import Engine
 from engine.products import TIMER_JOBS
+from engine.reconcile import reconcile
 from gateway import metrics
 from gateway.app import make_app
 from gateway.settings import from_env
@@ -202,6 +203,8 @@ async def test_a_qr_payment_end_to_end(dsn: str) -> None:
             if template.startswith(("/v1/orders", "/v1/merchants", "/v1/payment_codes", "/v1/bill"))
         }
         assert till.covered >= mine and len(mine) == 13
+        async with till.api.engine.pool.acquire() as conn:
+            assert [o.name for o in await reconcile(conn) if o.violations] == []
 
 
 async def _payment_code_flow(till: Till) -> None:

@@ -3,6 +3,7 @@ expiry on a hand-moved clock, a restart in the middle, refunds."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -275,3 +276,25 @@ async def test_a_refund_needs_the_merchants_balance(shop: Shop) -> None:
     paid = await _paid(shop)
     # The merchant has AMOUNT - FEE: a full refund would overdraw it.
     await shop.refused(_refund(paid, "R1", AMOUNT), RefundView, "insufficient_funds")
+
+
+async def test_concurrent_payers_pay_an_order_once(shop: Shop) -> None:
+    order = await _precreate(shop)
+    outcomes = await asyncio.gather(
+        *(shop.step(_pay(order, shop.payer), OrderView) for _ in range(5))
+    )
+    assert [o.refusal is None for o in outcomes].count(True) == 1
+    assert {o.refusal.code for o in outcomes if o.refusal} == {"order_state_conflict"}
+    assert await shop.balance(shop.payer) == PAYER_FUNDS_MINOR - AMOUNT
+
+
+async def test_the_timer_and_a_payment_racing_at_the_deadline_do_not_both_win(shop: Shop) -> None:
+    (job,) = TIMER_JOBS
+    order = await _precreate(shop, timeout=timedelta(minutes=1))
+    shop.clock.advance(minutes=1)
+    paid, fired = await asyncio.gather(
+        shop.step(_pay(order, shop.payer), OrderView),
+        job.run_once(shop.engine, now=shop.clock.now, limit=10),
+    )
+    assert paid.refusal is not None and fired == 1  # at the deadline the order is over
+    assert await shop.balance(shop.payer) == PAYER_FUNDS_MINOR

@@ -3,6 +3,7 @@ expire; a refused charge leaves the code usable."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 from engine.products import payment_codes
@@ -101,3 +102,16 @@ async def test_a_code_pays_only_from_the_account_it_is_bound_to(shop: Shop) -> N
     # The USD wallet's code cannot pay a CNY till, and never takes from the CNY wallet.
     await shop.refused(_charge(shop, code.code), OrderView, "currency_mismatch")
     assert await shop.balance(shop.payer) == PAYER_FUNDS_MINOR
+
+
+async def test_concurrent_tills_charge_a_code_once(shop: Shop) -> None:
+    code = await _issue(shop)
+    outcomes = await asyncio.gather(
+        *(
+            shop.step(_charge(shop, code.code, out_trade_no=f"TILL_{n}"), OrderView)
+            for n in range(4)
+        )
+    )
+    assert [o.refusal is None for o in outcomes].count(True) == 1
+    assert {o.refusal.code for o in outcomes if o.refusal} == {"payment_code_used"}
+    assert await shop.balance(shop.payer) == PAYER_FUNDS_MINOR - 5_000
