@@ -206,6 +206,7 @@ _RESPONSE_SCHEMAS: Final[dict[str, Any]] = {
             "failed_index": {"type": "integer"},
             "state": {"type": "string", "description": "the product's state, on a conflict"},
             "refundable_minor": _INT64,
+            "expires_at": _TIME,
             "errors": {"type": "array", "items": {"type": "object"}},
         },
         "required": ["type", "title", "status", "code"],

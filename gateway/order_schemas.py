@@ -95,6 +95,7 @@ class BillPay(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     payer_account_id: IdText
     amount_minor: AmountMinor
     currency: Currency
+    notify_url: NotifyUrl | None = None
 
 
 REQUEST_TYPES: Final = (

@@ -65,6 +65,7 @@ class BillPayment(msgspec.Struct, frozen=True, kw_only=True):
     payer_account_id: int
     amount_minor: int
     currency: str
+    notify_url: str | None = None  # where bill.paid goes
 
 
 class ReceiptView(msgspec.Struct, frozen=True, kw_only=True):
@@ -284,7 +285,7 @@ def pay(payment: BillPayment) -> StepFn[ReceiptView]:
             event_type="bill.paid",
             subject_id=payment_id,
             payload=receipt_json(receipt),
-            notify_url=None,
+            notify_url=payment.notify_url,
         )
         return receipt
 

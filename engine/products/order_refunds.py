@@ -54,15 +54,13 @@ def _view(row: asyncpg.Record, order: OrderView) -> RefundView:
     )
 
 
-async def _earlier(step: Step, order: OrderView, out_request_no: str, amount: int) -> RefundView:
-    """The refund already made under `out_request_no`, if it asked for the same amount."""
-    row = await step.conn.fetchrow(_FIND, order.id, out_request_no)
-    assert row is not None
+def _same_or_refuse(row: asyncpg.Record, order: OrderView, amount: int) -> RefundView:
+    """The refund already made under its out_request_no, if it asked for the same amount."""
     if row["amount_minor"] != amount:
         raise Refusal(
             "refund_request_conflict",
-            f"refund {out_request_no!r} was for {row['amount_minor']}, not {amount}",
-            out_request_no=out_request_no,
+            f"refund {row['out_request_no']!r} was for {row['amount_minor']}, not {amount}",
+            out_request_no=row["out_request_no"],
         )
     return _view(row, order)
 
@@ -72,13 +70,9 @@ def refund(*, order_id: int, out_request_no: str, amount_minor: int) -> StepFn[R
 
     async def run(step: Step) -> RefundView:
         order = await get_order(step, order_id, lock=True)
-        known = await step.conn.fetchval(
-            "SELECT 1 FROM order_refunds WHERE order_id = $1 AND out_request_no = $2",
-            order.id,
-            out_request_no,
-        )
-        if known:
-            return await _earlier(step, order, out_request_no, amount_minor)
+        earlier = await step.conn.fetchrow(_FIND, order.id, out_request_no)
+        if earlier is not None:
+            return _same_or_refuse(earlier, order, amount_minor)
         if order.state != OrderState.TRADE_SUCCESS:
             raise Refusal(
                 "order_state_conflict",

@@ -310,7 +310,12 @@ async def settle(step: Step, order: OrderView, *, payer_account_id: int) -> Orde
     and the fee. A ledger failure (insufficient funds ...) refuses the step."""
     _require_state(order, OrderState.WAIT_BUYER_PAY)
     if step.now >= order.expires_at:  # due, and the timer has not closed it yet
-        raise Refusal("order_expired", "the order's time to pay has passed", state="expired")
+        raise Refusal(
+            "order_expired",
+            "the order's time to pay has passed",
+            state=order.state.value,
+            expires_at=order.expires_at.isoformat(),
+        )
     payer = await step.account(payer_account_id)
     if payer is None:
         raise Refusal(ResultCode.ACCOUNT_NOT_FOUND, f"no account {payer_account_id}")

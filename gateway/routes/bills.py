@@ -50,6 +50,7 @@ async def pay(request: web.Request) -> web.Response:
         payer_account_id=body_id(body.payer_account_id, "$.payer_account_id"),
         amount_minor=body.amount_minor,
         currency=body.currency,
+        notify_url=body.notify_url,
     )
     return await run(
         request, bills.pay(payment), answer_type=bills.ReceiptView, operation="pay_bill",

@@ -179,7 +179,7 @@ async def test_the_timer_closes_an_unpaid_order_at_its_timeout(shop: Shop) -> No
     shop.clock.advance(seconds=1)
     # Due but not yet swept: the order cannot be paid any more.
     extensions = await shop.refused(_pay(order, shop.payer), OrderView, "order_expired")
-    assert extensions == {"state": "expired"}
+    assert extensions == {"state": "WAIT_BUYER_PAY", "expires_at": shop.clock.now.isoformat()}
     assert await job.run_once(shop.engine, now=shop.clock.now, limit=10) == 1
     assert await job.run_once(shop.engine, now=shop.clock.now, limit=10) == 0
     expired = await shop.ok(orders.read(order.id), OrderView)
