@@ -59,6 +59,8 @@ CREATE TABLE payment_codes (
     order_id         bigint      REFERENCES orders (id),
     CHECK ((used_at IS NULL) = (order_id IS NULL))
 );
+-- The reaper's work list (payment_codes.reap): codes long past their minute.
+CREATE INDEX payment_codes_by_expiry ON payment_codes (expires_at);
 
 -- Billers: merchant accounts that take bill payments, with the format a payer's
 -- reference must have (checked before any money moves).

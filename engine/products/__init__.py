@@ -11,10 +11,10 @@ from engine.products.step import Outcome, Refusal, RefusalView, Step, run_step
 from engine.products.timers import TimerJob
 
 # Product modules are imported after step and timers, which they build on.
-from engine.products import orders  # isort: skip
+from engine.products import orders, payment_codes  # isort: skip
 
 # Every product's timer jobs, run by the sweeper.
-TIMER_JOBS: tuple[TimerJob, ...] = (orders.EXPIRE_JOB,)
+TIMER_JOBS: tuple[TimerJob, ...] = (orders.EXPIRE_JOB, payment_codes.REAP_JOB)
 
 __all__ = [
     "TIMER_JOBS",

@@ -7,7 +7,12 @@ enough for a code that lives `CODE_LIFETIME` and is tried against one payer. Onl
 SHA-256 is stored and the code is found by that hash, so neither the table nor the
 lookup's timing gives a live code away. A refused charge (insufficient funds, a wrong
 currency) leaves the code unused, as the step's savepoint rolls back; a charge that
-succeeded marks it used for good.
+succeeded marks it used for good. Codes are deleted `CODE_RETENTION` after they expired
+(the timer job `payment_codes.reap`); the order a code paid keeps its payer.
+
+The answer to the issuing request, stored under its Idempotency-Key so that a retry gets
+the same code, does hold the code itself: for its 60 seconds of life, the key's record is
+as good as the code. A retry after that returns a dead code.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import datetime, timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
@@ -29,11 +34,16 @@ from engine.products.orders import (
     settle,
 )
 from engine.products.step import Refusal, Step
+from engine.products.timers import TimerJob
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
 
 CODE_PREFIX: Final = "28"
 CODE_RANDOM_DIGITS: Final = 16
 CODE_LENGTH: Final = len(CODE_PREFIX) + CODE_RANDOM_DIGITS  # 18
 CODE_LIFETIME: Final = timedelta(seconds=60)
+CODE_RETENTION: Final = timedelta(days=1)  # kept after expiry, for support questions
 # A charged order is paid at once; its deadline only bounds a step that never finishes.
 _CHARGE_TIMEOUT: Final = timedelta(minutes=1)
 
@@ -44,6 +54,11 @@ VALUES ($1, $2, $3, $4, $5)
 _LOCK: Final = """
 SELECT payer_account_id, expires_at, used_at FROM payment_codes
 WHERE code_sha256 = $1 AND scope = $2 FOR UPDATE
+"""
+_REAP: Final = """
+DELETE FROM payment_codes WHERE code_sha256 IN (
+    SELECT code_sha256 FROM payment_codes WHERE expires_at < $1 ORDER BY expires_at LIMIT $2
+)
 """
 _USED: Final = "UPDATE payment_codes SET used_at = $2, order_id = $3 WHERE code_sha256 = $1"
 
@@ -119,3 +134,13 @@ def charge(request: Charge) -> StepFn[OrderView]:
         return paid
 
     return run
+
+
+async def reap(engine: Engine, *, now: datetime, limit: int) -> int:
+    """The timer job: delete up to `limit` codes that expired over CODE_RETENTION ago."""
+    async with engine.step_pool.acquire() as conn:
+        status = await conn.execute(_REAP, now - CODE_RETENTION, limit)
+    return int(status.split()[-1])  # "DELETE n"
+
+
+REAP_JOB: Final = TimerJob(name="payment_codes.reap", run_once=reap, batch_size_max=1_000)

@@ -15,7 +15,7 @@ import zxingcpp
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine import Engine
-from engine.products import TIMER_JOBS
+from engine.products.orders import EXPIRE_JOB
 from engine.reconcile import reconcile
 from gateway import metrics
 from gateway.app import make_app
@@ -344,7 +344,7 @@ async def test_a_retried_payment_is_answered_once(dsn: str) -> None:
 
 
 async def test_expiry_and_payment_codes_on_the_clock_across_a_restart(dsn: str) -> None:
-    (job,) = TIMER_JOBS
+    job = EXPIRE_JOB
     clock = Clock()
     async with _serving(dsn, clock) as api:
         till = Till(api=api, world=await make_world(api), clock=clock)

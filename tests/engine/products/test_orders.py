@@ -191,7 +191,7 @@ async def test_the_timer_closes_an_unpaid_order_at_its_timeout(shop: Shop) -> No
 
 
 async def test_the_timer_fires_a_bounded_batch(shop: Shop) -> None:
-    (job,) = TIMER_JOBS
+    job = orders.EXPIRE_JOB
     for n in range(5):
         await _precreate(shop, out_trade_no=f"T_{n}", timeout=timedelta(minutes=1))
     shop.clock.advance(minutes=2)
@@ -200,7 +200,7 @@ async def test_the_timer_fires_a_bounded_batch(shop: Shop) -> None:
 
 
 async def test_a_restart_loses_no_order_and_fires_the_timer_once(shop: Shop) -> None:
-    (job,) = TIMER_JOBS
+    job = orders.EXPIRE_JOB
     to_pay = await _precreate(shop)
     to_expire = await _precreate(shop, out_trade_no="T_0002", timeout=timedelta(minutes=5))
     await reopen(shop)
@@ -289,7 +289,7 @@ async def test_concurrent_payers_pay_an_order_once(shop: Shop) -> None:
 
 
 async def test_the_timer_and_a_payment_racing_at_the_deadline_do_not_both_win(shop: Shop) -> None:
-    (job,) = TIMER_JOBS
+    job = orders.EXPIRE_JOB
     order = await _precreate(shop, timeout=timedelta(minutes=1))
     shop.clock.advance(minutes=1)
     paid, fired = await asyncio.gather(

@@ -115,3 +115,18 @@ async def test_concurrent_tills_charge_a_code_once(shop: Shop) -> None:
     assert [o.refusal is None for o in outcomes].count(True) == 1
     assert {o.refusal.code for o in outcomes if o.refusal} == {"payment_code_used"}
     assert await shop.balance(shop.payer) == PAYER_FUNDS_MINOR - 5_000
+
+
+async def test_codes_are_reaped_a_day_after_they_expired(shop: Shop) -> None:
+    used = await _issue(shop)
+    await shop.ok(_charge(shop, used.code), OrderView)
+    await _issue(shop)
+    shop.clock.advance(seconds=61)  # both have been dead a second
+    later = await _issue(shop)
+    now = shop.clock.now + payment_codes.CODE_RETENTION
+    assert await payment_codes.reap(shop.engine, now=now, limit=1) == 1
+    assert await payment_codes.reap(shop.engine, now=now, limit=10) == 1
+    assert await payment_codes.reap(shop.engine, now=now, limit=10) == 0
+    rows = (await shop.snapshot())["payment_codes"]
+    assert [r["code_sha256"] for r in rows] == [payment_codes.code_sha256(later.code)]
+    assert (await shop.snapshot())["orders"]  # the paid order stays
