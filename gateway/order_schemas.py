@@ -16,6 +16,7 @@ from engine.products.bills import (
     BillerType,
     pattern_error,
 )
+from engine.products.orders import TIMEOUT_DEFAULT
 from engine.products.payment_codes import CODE_LENGTH, PaymentCodeView
 from gateway.schemas import AmountMinor, Currency, IdText, invalid
 
@@ -38,7 +39,7 @@ class OrderCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     subject: Subject
     amount_minor: AmountMinor
     currency: Currency
-    timeout_express: TimeoutExpress = "2h"
+    timeout_express: TimeoutExpress = TIMEOUT_DEFAULT
     notify_url: NotifyUrl | None = None
 
 
