@@ -82,7 +82,7 @@ async def run(
             request.app[ENGINE], step, answer_type=answer_type, scope=scope, idempotency=idempotency
         )
     except EngineError as error:
-        raise _problem_error(request, error) from None
+        raise problem_error(request, error) from None
     if after_commit is not None and outcome.value is not None:
         await after_commit(outcome.value)
     response = outcome_response(outcome, render=render, status=status)
@@ -101,7 +101,28 @@ async def run_unkeyed(
             request.app[ENGINE], step, answer_type=answer_type, scope=scope, idempotency=None
         )
     except EngineError as error:
-        raise _problem_error(request, error) from None
+        raise problem_error(request, error) from None
+
+
+async def read(
+    request: web.Request,
+    step: Callable[[Step], Awaitable[T]],
+    *,
+    answer_type: type[T],
+    render: Callable[[T], dict[str, Any]],
+) -> web.Response:
+    """Run a read-only product step (no idempotency key: it changes nothing) and answer it."""
+    try:
+        outcome = await run_step(
+            request.app[ENGINE],
+            step,
+            answer_type=answer_type,
+            scope=caller_scope(request),
+            idempotency=None,
+        )
+    except EngineError as error:
+        raise problem_error(request, error) from None
+    return outcome_response(outcome, render=render, status=200)
 
 
 def outcome_response(
@@ -115,7 +136,7 @@ def outcome_response(
     return web.Response(status=status, body=body, content_type="application/json")
 
 
-def _problem_error(request: web.Request, error: EngineError) -> ProblemError:
+def problem_error(request: web.Request, error: EngineError) -> ProblemError:
     code = problem_code_of(error)
     if code == "internal_error":
         _log.error("engine error: %r", error, extra={"request_id": request.get(REQUEST_ID)})
@@ -139,7 +160,7 @@ async def submit(
     try:
         result = await request.app[ENGINE].submit(command, idempotency=idempotency)
     except EngineError as error:
-        raise _problem_error(request, error) from None
+        raise problem_error(request, error) from None
     response = result_response(result, render=render, status=status)
     if result.replayed:
         response.headers[REPLAYED_HEADER] = "true"

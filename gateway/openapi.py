@@ -15,6 +15,7 @@ import msgspec
 from engine.products.banks import SIGNATURE_HEADER, BankCallback
 from engine.products.trades import CloseReason, ConfirmedBy, TradeState
 from gateway.channel_schemas import ChannelName, TopupCreate, WithdrawalCreate
+from gateway.order_schemas import REQUEST_TYPES as ORDER_REQUEST_TYPES
 from gateway.problems import PROBLEM_TYPES
 from gateway.schemas import (
     AccountCreate,
@@ -39,8 +40,15 @@ _REQUEST_TYPES: Final = (
     TradeCreate,
     TradeAction,
     TradeRefundCreate,
+    *ORDER_REQUEST_TYPES,
 )
-_OPTIONAL_BODIES: Final = ("TransferPost", "TransferVoid", "WebhookRedeliver", "TradeAction")
+_OPTIONAL_BODIES: Final = (
+    "TransferPost",
+    "TransferVoid",
+    "WebhookRedeliver",
+    "TradeAction",
+    "OrderClose",
+)
 
 _ID: Final = {"type": "string", "pattern": r"^[1-9][0-9]{0,18}$"}
 _NULLABLE_ID: Final = {"anyOf": [_ID, {"type": "null"}]}
@@ -62,6 +70,89 @@ def _object(
 
 def _ref_schema(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_ORDER: Final = _object(
+    {
+        "object": {"const": "order"},
+        "id": _ID,
+        "merchant_account_id": _ID,
+        "out_trade_no": {"type": "string", "pattern": r"^[A-Za-z0-9_]{1,64}$"},
+        "subject": {"type": "string"},
+        "amount_minor": _INT64,
+        "currency": {"type": "string"},
+        "source": {"enum": ["qr_code", "payment_code"]},
+        "qr_code": _nullable({"type": "string", "description": "The payload to show as a QR"}),
+        "state": {"enum": ["WAIT_BUYER_PAY", "TRADE_SUCCESS", "TRADE_CLOSED"]},
+        "close_reason": {"enum": ["closed", "expired", "refunded", None]},
+        "payer_account_id": _NULLABLE_ID,
+        "transfer_id": _NULLABLE_ID,
+        "fee_minor": _INT64,
+        "refunded_minor": _INT64,
+        "notify_url": _nullable({"type": "string"}),
+        "expires_at": _TIME,
+        "created_at": _TIME,
+        "paid_at": _NULLABLE_TIME,
+        "closed_at": _NULLABLE_TIME,
+    }
+)
+_ORDER_SCHEMAS: Final[dict[str, Any]] = {
+    "Order": _ORDER,
+    "OrderRefund": _object(
+        {
+            "object": {"const": "order_refund"},
+            "id": _ID,
+            "order_id": _ID,
+            "out_request_no": {"type": "string"},
+            "amount_minor": _INT64,
+            "transfer_id": _ID,
+            "created_at": _TIME,
+            "order": {"$ref": "#/components/schemas/Order"},
+        }
+    ),
+    "PaymentCode": _object(
+        {
+            "object": {"const": "payment_code"},
+            "code": {"type": "string", "pattern": "^[0-9]{18}$"},
+            "payer_account_id": _ID,
+            "expires_at": _TIME,
+            "created_at": _TIME,
+        }
+    ),
+    "Biller": _object(
+        {
+            "object": {"const": "biller"},
+            "id": _ID,
+            "account_id": _ID,
+            "name": {"type": "string"},
+            "biller_type": {"enum": ["utility", "mobile_topup", "credit_card"]},
+            "reference_pattern": {"type": "string"},
+            "luhn": {"type": "boolean"},
+            "created_at": _TIME,
+        }
+    ),
+    "BillReceipt": _object(
+        {
+            "object": {"const": "bill_receipt"},
+            "id": _ID,
+            "receipt_no": {"type": "string"},
+            "biller_id": _ID,
+            "biller_name": {"type": "string"},
+            "biller_type": {"enum": ["utility", "mobile_topup", "credit_card"]},
+            "reference_masked": {"type": "string"},
+            "payer_account_id": _ID,
+            "amount_minor": _INT64,
+            "fee_minor": _INT64,
+            "currency": {"type": "string"},
+            "transfer_id": _ID,
+            "paid_at": _TIME,
+        }
+    ),
+}
 
 
 _RESPONSE_SCHEMAS: Final[dict[str, Any]] = {
@@ -253,6 +344,7 @@ _RESPONSE_SCHEMAS: Final[dict[str, Any]] = {
             "has_more": {"type": "boolean"},
         }
     ),
+    **_ORDER_SCHEMAS,
     "Problem": {
         "type": "object",
         "description": "RFC 9457 problem details",
@@ -264,11 +356,18 @@ _RESPONSE_SCHEMAS: Final[dict[str, Any]] = {
             "instance": {"type": "string"},
             "code": {"enum": sorted(PROBLEM_TYPES)},
             "failed_index": {"type": "integer"},
+            "state": {
+                "type": "string",
+                "description": "The trade's or order's state, on a conflict",
+            },
+            "refundable_minor": _INT64,
+            "expires_at": _TIME,
+            "out_trade_no": {"type": "string"},
+            "out_request_no": {"type": "string"},
+            "biller_type": {"type": "string"},
             "errors": {"type": "array", "items": {"type": "object"}},
-            "state": {"description": "The trade's state, when it refused a step"},
             "trade_id": _ID,
             "refund_id": _ID,
-            "refundable_minor": _INT64,
             "field": {"type": "string"},
         },
         "required": ["type", "title", "status", "code"],
@@ -331,6 +430,80 @@ def _plain(summary: str, content_type: str) -> Any:
         },
     }
 
+
+def _image(summary: str, content_type: str) -> Any:
+    return {
+        "summary": summary,
+        "parameters": [_path_id("order_id")],
+        "responses": {
+            "200": {
+                "description": summary,
+                "content": {content_type: {"schema": {"type": "string", "format": "binary"}}},
+            },
+            "default": _PROBLEM,
+        },
+    }
+
+
+_ORDER_ID: Final = [_path_id("order_id")]
+_ORDER_PATHS: Final[dict[str, dict[str, Any]]] = {
+    "/v1/orders": {
+        "post": _command(
+            "Precreate a QR order (alipay.trade.precreate)", "OrderCreate", "Order", 201
+        )
+    },
+    "/v1/orders/pay": {
+        "post": _command("Pay an order by its scanned QR code", "OrderPay", "Order", 200)
+    },
+    "/v1/orders/{order_id}": {"get": _read("Query an order", "Order", _ORDER_ID)},
+    "/v1/merchants/{account_id}/orders/{out_trade_no}": {
+        "get": _read(
+            "Query an order by the merchant's out_trade_no (alipay.trade.query)",
+            "Order",
+            [
+                _path_id("account_id"),
+                {
+                    "name": "out_trade_no",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": r"^[A-Za-z0-9_]{1,64}$"},
+                },
+            ],
+        )
+    },
+    "/v1/orders/{order_id}/close": {
+        "post": _command("Close an unpaid order", "OrderClose", "Order", 200, parameters=_ORDER_ID)
+    },
+    "/v1/orders/{order_id}/refunds": {
+        "post": _command(
+            "Refund a paid order, in full or in part, keyed by out_request_no",
+            "OrderRefundCreate",
+            "OrderRefund",
+            201,
+            parameters=_ORDER_ID,
+        )
+    },
+    "/v1/orders/{order_id}/qr.png": {"get": _image("The order's QR code as PNG", "image/png")},
+    "/v1/orders/{order_id}/qr.svg": {"get": _image("The order's QR code as SVG", "image/svg+xml")},
+    "/v1/payment_codes": {
+        "post": _command(
+            "Issue a payer's payment code (single use, 60 s)",
+            "PaymentCodeCreate",
+            "PaymentCode",
+            201,
+        )
+    },
+    "/v1/payment_codes/charge": {
+        "post": _command(
+            "Charge a payment code at a till: a paid order", "PaymentCodeCharge", "Order", 201
+        )
+    },
+    "/v1/billers": {
+        "post": _command("Register a biller (operator)", "BillerCreate", "Biller", 201)
+    },
+    "/v1/billers/{biller_id}": {"get": _read("Read a biller", "Biller", [_path_id("biller_id")])},
+    "/v1/bills/pay": {"post": _command("Pay a bill", "BillPay", "BillReceipt", 201)},
+}
 
 _PAGE_PARAMETERS: Final = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
@@ -506,6 +679,7 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
         ),
         "get": _read("List a trade's refunds", "TradeRefundList", [_path_id("trade_id")]),
     },
+    **_ORDER_PATHS,
     "/healthz": {"get": _plain("The process is alive", "application/json")},
     "/readyz": {"get": _plain("The database answers: ready for traffic", "application/json")},
     "/metrics": {"get": _plain("Prometheus metrics", "text/plain")},

@@ -27,7 +27,9 @@ class ProblemType:
 
 
 def _types(*types: ProblemType) -> dict[str, ProblemType]:
-    return {t.code: t for t in types}
+    by_code = {t.code: t for t in types}
+    assert len(by_code) == len(types), "each problem code is defined once"
+    return by_code
 
 
 PROBLEM_TYPES: Final = _types(
@@ -81,10 +83,23 @@ PROBLEM_TYPES: Final = _types(
     ProblemType("trade_state_conflict", 409, "The trade's state does not allow this step"),
     ProblemType("trade_pay_expired", 409, "The time to pay for the trade has passed"),
     ProblemType("trade_refund_window_closed", 409, "The trade's refund window has closed"),
-    ProblemType("out_trade_no_taken", 409, "The seller already has a trade with this number"),
-    ProblemType("refund_exceeds_paid", 409, "Refunds would exceed what the buyer paid"),
+    ProblemType(
+        "out_trade_no_taken", 409, "The merchant already has a trade or order with this number"
+    ),
+    ProblemType("refund_exceeds_paid", 409, "The refund is more than is left to refund"),
     ProblemType("out_request_no_reused", 409, "This refund number was used for another amount"),
     ProblemType("refund_limit_reached", 409, "The trade has taken its most refunds"),
+    # Merchant payments (engine/products: orders, payment_codes, bills) said no.
+    ProblemType("order_not_found", 404, "No such order"),
+    ProblemType("order_state_conflict", 409, "The order's state does not allow this step"),
+    ProblemType("order_expired", 409, "The order's time to pay has passed"),
+    ProblemType("payment_code_invalid", 422, "No such payment code"),
+    ProblemType("payment_code_used", 409, "The payment code was used already"),
+    ProblemType("payment_code_expired", 409, "The payment code has expired"),
+    ProblemType("biller_not_found", 404, "No such biller"),
+    ProblemType("biller_exists", 409, "The account is registered as a biller already"),
+    ProblemType("biller_account_invalid", 422, "A biller must be a merchant account"),
+    ProblemType("bill_reference_invalid", 422, "The reference does not fit the biller's format"),
     # Try again: the same request may succeed later. Retry with the same key.
     ProblemType("idempotency_key_in_flight", 409, "A request with this key is in progress"),
     ProblemType("overloaded", 503, "Too many requests are waiting; retry shortly"),

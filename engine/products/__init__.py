@@ -9,11 +9,16 @@ Timed transitions (trades closing unpaid, auto-confirming, orders expiring) are 
 
 # Every product's timer jobs, run by the sweeper. Each product module imports step and
 # timers itself, so the order of these imports does not matter.
-from engine.products import channels, trade_timers
+from engine.products import channels, orders, payment_codes, trade_timers
 from engine.products.step import Outcome, Refusal, RefusalView, Step, run_step
 from engine.products.timers import TimerJob
 
-TIMER_JOBS: tuple[TimerJob, ...] = (channels.TIME_OUT, *trade_timers.JOBS)
+TIMER_JOBS: tuple[TimerJob, ...] = (
+    channels.TIME_OUT,
+    *trade_timers.JOBS,
+    orders.EXPIRE_JOB,
+    payment_codes.REAP_JOB,
+)
 
 __all__ = [
     "TIMER_JOBS",

@@ -4,7 +4,10 @@ from aiohttp import web
 
 from gateway.routes import (
     accounts,
+    bills,
     channels,
+    orders,
+    payment_codes,
     statements,
     system,
     topups,
@@ -19,6 +22,9 @@ ROUTES: list[web.AbstractRouteDef] = [
     *statements.ROUTES,
     *transfers.ROUTES,
     *trades.ROUTES,
+    *orders.ROUTES,
+    *payment_codes.ROUTES,
+    *bills.ROUTES,
     *topups.ROUTES,
     *withdrawals.ROUTES,
     *channels.ROUTES,

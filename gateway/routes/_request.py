@@ -48,3 +48,11 @@ def page_cursor(request: web.Request) -> int | None:
     if cursor is None:
         raise ProblemError("invalid_cursor", detail=f"{text!r} is not a cursor of this list")
     return cursor
+
+
+def body_id(text: str, path: str) -> int:
+    """The id in body field `path`; one that cannot exist is a validation error."""
+    value = parse_id(text)
+    if value is None:
+        raise invalid(path, f"{text!r} is not a valid id")
+    return value

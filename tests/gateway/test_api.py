@@ -33,7 +33,17 @@ from tests.gateway.support import (
 )
 
 # Products' routes are exercised by their own test modules (test_channels.py ...).
-PRODUCT_PATHS: Final = ("/v1/topups", "/v1/withdrawals", "/v1/channels/", "/v1/trades")
+PRODUCT_PATHS: Final = (
+    "/v1/topups",
+    "/v1/withdrawals",
+    "/v1/channels/",
+    "/v1/trades",
+    "/v1/orders",
+    "/v1/merchants/",
+    "/v1/payment_codes",
+    "/v1/billers",
+    "/v1/bills/",
+)
 
 
 async def test_accounts_open_and_read(api: Api) -> None:
