@@ -6,26 +6,17 @@ its signature decodes it.
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import msgspec
 from msgspec import Meta
 
 from engine.products.banks import CHANNEL_TYPES
-from gateway.schemas import AmountMinor, Currency, IdText, MetadataIn
+from gateway.schemas import AmountMinor, Currency, IdText, MetadataIn, NotifyUrl
 
 ChannelName = Literal["ebank", "card", "postal", "cash"]
 assert set(get_args(ChannelName)) == {t.name for t in CHANNEL_TYPES}, "one name per adapter"
 
-NOTIFY_URL_LENGTH_MAX: Final = 2048
-NotifyUrl = Annotated[
-    str,
-    Meta(
-        pattern=r"^https?://[^\s]+$",
-        max_length=NOTIFY_URL_LENGTH_MAX,
-        description="Where events about this request are delivered",
-    ),
-]
 Destination = Annotated[
     str,
     Meta(

@@ -18,12 +18,8 @@ from engine.products.bills import (
 )
 from engine.products.orders import TIMEOUT_DEFAULT
 from engine.products.payment_codes import CODE_LENGTH, PaymentCodeView
-from gateway.schemas import AmountMinor, Currency, IdText, invalid
+from gateway.schemas import AmountMinor, Currency, IdText, NotifyUrl, OutNo, Subject, invalid
 
-OUT_NO_PATTERN: Final = r"^[A-Za-z0-9_]{1,64}$"
-OutNo = Annotated[str, Meta(pattern=OUT_NO_PATTERN, description="Letters, digits and _")]
-Subject = Annotated[str, Meta(min_length=1, max_length=256)]
-NotifyUrl = Annotated[str, Meta(pattern=r"^https?://\S+$", max_length=512)]
 TimeoutExpress = Annotated[
     str,
     Meta(

@@ -34,6 +34,12 @@ from engine.model import (
     is_known_currency,
     metadata_error,
 )
+from engine.products.terms import (
+    NOTIFY_URL_LENGTH_MAX,
+    NOTIFY_URL_PATTERN,
+    OUT_NO_PATTERN,
+    SUBJECT_LENGTH_MAX,
+)
 from gateway.problems import ProblemError
 
 ID_PATTERN: Final = r"^[1-9][0-9]{0,18}$"
@@ -44,6 +50,19 @@ AmountMinor = Annotated[
     int, Meta(ge=1, le=INT64_MAX, description="Minor units of the currency (fen for CNY)")
 ]
 Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
+# The products' shared terms (engine/products/terms.py).
+OutNo = Annotated[
+    str, Meta(pattern=OUT_NO_PATTERN, description="1 to 64 letters, digits or underscores")
+]
+Subject = Annotated[str, Meta(min_length=1, max_length=SUBJECT_LENGTH_MAX)]
+NotifyUrl = Annotated[
+    str,
+    Meta(
+        pattern=NOTIFY_URL_PATTERN,
+        max_length=NOTIFY_URL_LENGTH_MAX,
+        description="Where events about this resource are delivered (signed webhooks)",
+    ),
+]
 MetadataIn = Annotated[
     dict[
         Annotated[str, Meta(min_length=1, max_length=METADATA_KEY_LENGTH_MAX)],

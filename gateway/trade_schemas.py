@@ -11,6 +11,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from engine.products.terms import EXPRESS_PATTERN
 from engine.products.trade_refunds import (
     REASON_LENGTH_MAX,
     RefundRequest,
@@ -18,21 +19,22 @@ from engine.products.trade_refunds import (
 )
 from engine.products.trades import (
     CONFIRM_TIMEOUT_EXPRESS,
-    EXPRESS_PATTERN,
-    NOTIFY_URL_LENGTH_MAX,
-    OUT_NO_PATTERN,
     REFUND_WINDOW_EXPRESS,
-    SUBJECT_LENGTH_MAX,
     TIMEOUT_EXPRESS,
     NewTrade,
     new_trade_error,
 )
 from gateway.problems import ProblemError
-from gateway.schemas import AmountMinor, Currency, IdText, invalid, parse_id
-
-OutNo = Annotated[
-    str, Meta(pattern=OUT_NO_PATTERN, description="1 to 64 letters, digits or underscores")
-]
+from gateway.schemas import (
+    AmountMinor,
+    Currency,
+    IdText,
+    NotifyUrl,
+    OutNo,
+    Subject,
+    invalid,
+    parse_id,
+)
 
 
 def _express(terms: tuple[str, str, str], what: str) -> Meta:
@@ -59,11 +61,11 @@ class TradeCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     buyer_account_id: IdText
     amount_minor: AmountMinor
     currency: Currency
-    subject: Annotated[str, Meta(min_length=1, max_length=SUBJECT_LENGTH_MAX)]
+    subject: Subject
     timeout_express: TimeoutExpress = TIMEOUT_EXPRESS[0]
     confirm_timeout_express: ConfirmExpress = CONFIRM_TIMEOUT_EXPRESS[0]
     refund_window_express: RefundWindowExpress = REFUND_WINDOW_EXPRESS[0]
-    notify_url: Annotated[str, Meta(max_length=NOTIFY_URL_LENGTH_MAX)] | None = None
+    notify_url: NotifyUrl | None = None
 
 
 class TradeAction(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -28,6 +28,7 @@ import msgspec
 from engine.model import CreateTransfers, ResultCode, TransferSpec
 from engine.products.fees import fee_spec
 from engine.products.step import Refusal, Step, run_step
+from engine.products.terms import express_s
 from engine.products.timers import TimerJob
 
 if TYPE_CHECKING:
@@ -134,11 +135,10 @@ UPDATE orders SET state = 'TRADE_CLOSED', close_reason = $2, closed_at = $3 WHER
 def parse_timeout(text: str) -> timedelta | None:
     """Alipay's `timeout_express` ("90m", "2h", "15d") as a duration, or None if it is not
     one from 1 minute to 15 days."""
-    units = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
-    number, unit = text[:-1], text[-1:]
-    if unit not in units or not (number.isascii() and number.isdigit()) or len(number) > 6:
+    seconds = express_s(text)
+    if seconds is None:
         return None
-    timeout = int(number) * units[unit]
+    timeout = timedelta(seconds=seconds)
     return timeout if TIMEOUT_MIN <= timeout <= TIMEOUT_MAX else None
 
 

@@ -31,8 +31,8 @@ import msgspec
 from engine.model import CreateTransfers, ResultCode, TransferSpec, VoidPending
 from engine.products.fees import FEES_HOUSE_ACCOUNT
 from engine.products.step import Refusal, Step
+from engine.products.terms import OUT_NO_PATTERN
 from engine.products.trades import (
-    OUT_NO_PATTERN,
     REFUNDABLE,
     CloseReason,
     TradeState,

@@ -37,6 +37,12 @@ from engine.model import (
 )
 from engine.products.fees import fee_spec
 from engine.products.step import Refusal, Step
+from engine.products.terms import (
+    OUT_NO_PATTERN,
+    SUBJECT_LENGTH_MAX,
+    express_error,
+    must_s,
+)
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -74,12 +80,6 @@ class ConfirmedBy(enum.StrEnum):
 
 
 PRODUCT: Final = "trade"  # the value of PRODUCT_METADATA_KEY on a trade's holds
-OUT_NO_PATTERN: Final = r"^[A-Za-z0-9_]{1,64}$"  # out_trade_no and out_request_no
-SUBJECT_LENGTH_MAX: Final = 256
-NOTIFY_URL_LENGTH_MAX: Final = 1024
-EXPRESS_PATTERN: Final = r"^[1-9][0-9]{0,5}[mhd]$"
-_EXPRESS_RE: Final = re.compile(EXPRESS_PATTERN)
-_EXPRESS_UNIT_S: Final = {"m": 60, "h": 3600, "d": 86_400}
 
 # The terms a seller may choose, as (default, least, most) in Alipay's format. The
 # time to pay is Alipay's range; auto-confirm defaults to Taobao's 10 days and never
@@ -87,29 +87,6 @@ _EXPRESS_UNIT_S: Final = {"m": 60, "h": 3600, "d": 86_400}
 TIMEOUT_EXPRESS: Final = ("15d", "1m", "15d")
 CONFIRM_TIMEOUT_EXPRESS: Final = ("10d", "1d", "30d")
 REFUND_WINDOW_EXPRESS: Final = ("90d", "1d", "365d")
-
-
-def express_s(text: str) -> int | None:
-    """Seconds in an Alipay duration ("90m", "2h", "15d"), or None if it is not one."""
-    if not _EXPRESS_RE.fullmatch(text):
-        return None
-    return int(text[:-1]) * _EXPRESS_UNIT_S[text[-1]]
-
-
-def express_error(text: str, terms: tuple[str, str, str]) -> str | None:
-    _, least, most = terms
-    seconds = express_s(text)
-    if seconds is None:
-        return f"{text!r} is not a duration such as 90m, 2h or 15d"
-    if not _must_s(least) <= seconds <= _must_s(most):
-        return f"{text!r} is outside {least} to {most}"
-    return None
-
-
-def _must_s(express: str) -> int:
-    seconds = express_s(express)
-    assert seconds is not None, express
-    return seconds
 
 
 class NewTrade(msgspec.Struct, frozen=True, kw_only=True):
@@ -325,7 +302,7 @@ def hold_spec(trade: TradeView, amount_minor: int) -> TransferSpec:
 
 
 def _after(now: datetime, express: str) -> datetime:
-    return now + timedelta(seconds=_must_s(express))
+    return now + timedelta(seconds=must_s(express))
 
 
 # -- the transitions -------------------------------------------------------------------------

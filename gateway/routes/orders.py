@@ -11,10 +11,10 @@ from aiohttp import web
 from engine import EngineError
 from engine.products import order_refunds as refunds
 from engine.products import orders, run_step
+from engine.products.terms import OUT_NO_PATTERN
 from gateway import qr
 from gateway.commands import ENGINE, caller_scope, problem_error, read, run
 from gateway.order_schemas import (
-    OUT_NO_PATTERN,
     OrderClose,
     OrderCreate,
     OrderPay,

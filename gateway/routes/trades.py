@@ -15,6 +15,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from engine.products import trade_refunds, trades
+from engine.products.terms import OUT_NO_PATTERN
 from engine.products.trade_refunds import RefundAnswer
 from engine.products.trades import TradeView, trade_json
 from gateway.commands import ENGINE, caller_scope, run
@@ -31,7 +32,7 @@ from gateway.trade_schemas import (
 )
 
 routes = web.RouteTableDef()
-_OUT_NO_RE: Final = re.compile(trades.OUT_NO_PATTERN)
+_OUT_NO_RE: Final = re.compile(OUT_NO_PATTERN)
 
 
 def _json(body: dict[str, Any]) -> web.Response:
