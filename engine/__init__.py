@@ -4,6 +4,7 @@ The public surface is small: open an Engine, submit commands, read accounts and
 history, close. Everything else in this package is how that is done.
 """
 
+from engine import risk_settings
 from engine.engine import Engine, EngineConfig
 from engine.errors import (
     ClientError,
@@ -76,4 +77,5 @@ __all__ = [
     "TransferView",
     "Unavailable",
     "VoidPending",
+    "risk_settings",
 ]

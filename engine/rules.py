@@ -349,7 +349,11 @@ class _BatchState:
             failure = self._stage_transfer(staged, spec, command.scope, group_id)
             if failure is not None:
                 if isinstance(failure, risk.Refusal):
-                    code, detail, retry_after_s = failure.code, failure.reason, failure.retry_after_s
+                    code, detail, retry_after_s = (
+                        failure.code,
+                        failure.reason,
+                        failure.retry_after_s,
+                    )
                 else:
                     (code, detail), retry_after_s = failure, None
                 if command.linked and len(command.transfers) > 1:
@@ -574,9 +578,7 @@ class _BatchState:
             if failure.code is ResultCode.STEP_UP_EXPIRED:
                 self._record(failure, challenge.account_id, None)
             return _failure(failure.code, failure.reason)
-        if not risk.code_matches(
-            challenge.salt, challenge.code_hash, challenge.id, command.code
-        ):
+        if not risk.code_matches(challenge.salt, challenge.code_hash, challenge.id, command.code):
             challenge.attempts += 1
             left = risk.STEP_UP_ATTEMPTS_MAX - challenge.attempts
             if left <= 0:

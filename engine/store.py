@@ -31,8 +31,8 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from engine.errors import OutcomeUnknown
 from engine import risk
+from engine.errors import OutcomeUnknown
 from engine.model import (
     STEP_UP_CODE_DIGITS,
     AccountKind,

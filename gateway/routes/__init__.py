@@ -2,6 +2,11 @@
 
 from aiohttp import web
 
-from gateway.routes import accounts, system, transfers
+from gateway.routes import accounts, step_ups, system, transfers
 
-ROUTES: list[web.AbstractRouteDef] = [*accounts.ROUTES, *transfers.ROUTES, *system.ROUTES]
+ROUTES: list[web.AbstractRouteDef] = [
+    *accounts.ROUTES,
+    *transfers.ROUTES,
+    *step_ups.ROUTES,
+    *system.ROUTES,
+]
