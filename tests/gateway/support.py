@@ -9,7 +9,8 @@ import json
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -163,8 +164,13 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def serving(dsn: str) -> AsyncIterator[Api]:
-    engine = await Engine.open(dsn, config=TEST_ENGINE_CONFIG, observer=metrics.EngineMetrics())
+async def serving(dsn: str, *, clock: Callable[[], datetime] | None = None) -> AsyncIterator[Api]:
+    engine = await Engine.open(
+        dsn,
+        config=TEST_ENGINE_CONFIG,
+        observer=metrics.EngineMetrics(),
+        **({} if clock is None else {"clock": clock}),
+    )
     settings = dataclasses.replace(from_env(), access_log=False, body_size_max_bytes=BODY_SIZE_MAX)
     client = TestClient(TestServer(make_app(engine, settings)))
     await client.start_server()
