@@ -186,6 +186,7 @@ class BatchPlan:
     challenges_created: list[NewChallenge] = dataclasses.field(default_factory=list)
     challenge_updates: list[ChallengeUpdate] = dataclasses.field(default_factory=list)
     refusals: list[RefusalRow] = dataclasses.field(default_factory=list)
+    risky: bool = False  # some account carried risk rules: counters may have changed
 
 
 def check_account(account: AccountState) -> None:
@@ -240,6 +241,7 @@ def apply_batch(
         challenges_created=state.challenges_created,
         challenge_updates=list(state.challenge_updates.values()),
         refusals=state.refusals,
+        risky=state.risky,
     )
     for account in plan.accounts_changed.values():
         check_account(account)

@@ -360,7 +360,9 @@ async def _claim_keys_and_lock(
         now,
         sorted(_account_ids(commands, {})),
     )
-    claimed = {(row["scope"], row["key"]) for row in rows if row["id"] is None and row["key"]}
+    claimed = {
+        (row["scope"], row["key"]) for row in rows if row["id"] is None and row["key"] is not None
+    }
     return claimed, _account_states(rows)
 
 
@@ -443,6 +445,9 @@ async def _write(
 def _columns_of_counters(plan: BatchPlan) -> list[list[int | None]]:
     """Counters of the changed accounts that keep them, in the order of the balances;
     None for the others (which is every account in a ledger without risk limits)."""
+    if not plan.risky:
+        nothing: list[int | None] = [None] * len(plan.accounts_changed)
+        return [nothing, nothing, nothing]
     columns: list[list[int | None]] = [[], [], []]
     for a in plan.accounts_changed.values():
         counters = a.counters if a.risk is not None and a.risk.counted else None
@@ -593,17 +598,16 @@ def _hold_state(row: asyncpg.Record) -> HoldState:
 def _account_states(rows: list[asyncpg.Record]) -> dict[int, AccountState]:
     """The locked accounts among `rows`, with their rules merged with their kind's.
     Rows with neither id nor key carry a kind's default rules."""
-    kind_rules = {
-        row["kind"]: _risk_of(row["risk"])[0]
-        for row in rows
-        if row["id"] is None and row["key"] is None
-    }
+    kind_rules: dict[str, RiskRules] = {}
     accounts: dict[int, AccountState] = {}
     for row in rows:
-        if row["id"] is None:
+        account_id = row["id"]
+        if account_id is None:
+            if row["key"] is None:
+                kind_rules[row["kind"]] = _risk_of(row["risk"])[0]
             continue
         account = AccountState(
-            id=row["id"],
+            id=account_id,
             currency=row["currency"],
             kind=_KINDS[row["kind"]],
             overdraft_allowed=row["overdraft_allowed"],
@@ -614,10 +618,13 @@ def _account_states(rows: list[asyncpg.Record]) -> dict[int, AccountState]:
             credits_pending=row["credits_pending"],
         )
         own = row["risk"]
-        if own is not None or kind_rules:
-            rules, account.counters = (None, None) if own is None else _risk_of(own)
-            account.risk = risk.merge(kind_rules.get(row["kind"]), rules)
-        accounts[account.id] = account
+        if own is not None:  # rare: only accounts with rules or counters of their own
+            rules, account.counters = _risk_of(own)
+            account.risk = risk.merge(None, rules)
+        accounts[account_id] = account
+    if kind_rules:
+        for account in accounts.values():
+            account.risk = risk.merge(kind_rules.get(account.kind), account.risk)
     return accounts
 
 

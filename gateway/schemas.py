@@ -77,8 +77,11 @@ class TransferGroupCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
 class StepUpConfirm(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     code: Annotated[
         str,
+        # The lengths too: "$" also matches before a trailing newline.
         Meta(
             pattern=f"^[0-9]{{{STEP_UP_CODE_DIGITS}}}$",
+            min_length=STEP_UP_CODE_DIGITS,
+            max_length=STEP_UP_CODE_DIGITS,
             description="The one-time code sent to the payer",
         ),
     ]

@@ -147,7 +147,9 @@ async def test_refusals_are_recorded_with_their_request_and_replayed(engine: Eng
     assert len(rows) == 1  # the replay was not applied again
     (row,) = rows
     assert (row["account_id"], row["code"], row["amount_minor"]) == (
-        user, "risk_daily_outflow_limit", 11
+        user,
+        "risk_daily_outflow_limit",
+        11,
     )
     assert (row["scope"], row["idempotency_key"]) == (SCOPE, "too-much")
     assert "daily outflow limit" in row["reason"]
@@ -163,8 +165,10 @@ async def test_a_voided_hold_keeps_its_outflow_counted(engine: Engine) -> None:
     assert (await move(engine, user, merchant, 20)).ok
     row = await risk_row(engine, user)
     assert (row["debits_posted"], row["debits_pending"], row["risk_outflow_day_minor"]) == (
-        20, 0, 100
-    )  # fmt: skip
+        20,
+        0,
+        100,
+    )
 
 
 async def test_accounts_without_limits_keep_no_counters(engine: Engine) -> None:

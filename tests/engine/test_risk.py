@@ -42,9 +42,7 @@ def test_merge_prefers_the_account_and_keeps_the_kind_default_elsewhere() -> Non
     kind = RiskRules(daily_outflow_max_minor=1000, velocity_max_per_minute=5)
     account = RiskRules(daily_outflow_max_minor=50, frozen=True)
     merged = risk.merge(kind, account)
-    assert merged == RiskRules(
-        daily_outflow_max_minor=50, velocity_max_per_minute=5, frozen=True
-    )
+    assert merged == RiskRules(daily_outflow_max_minor=50, velocity_max_per_minute=5, frozen=True)
     assert risk.merge(None, None) is None
     assert risk.merge(None, RiskRules()) is None
     assert risk.merge(kind, None) is kind
@@ -67,8 +65,9 @@ def test_counters_start_again_each_utc_day_and_minute_and_never_go_back() -> Non
 
 
 def test_outflow_refusal_order_and_retry_hints() -> None:
-    rules = RiskRules(max_per_transfer_minor=500, daily_outflow_max_minor=1000,
-                      velocity_max_per_minute=2)  # fmt: skip
+    rules = RiskRules(
+        max_per_transfer_minor=500, daily_outflow_max_minor=1000, velocity_max_per_minute=2
+    )
     minute = risk.minute_of(T0)
     fresh = risk.ZERO_COUNTERS
     assert risk.outflow_refusal(1, rules, fresh, 500, T0) is None
@@ -111,9 +110,14 @@ class RiskLedger:
     def open(self, rules: RiskRules | None = None, *, balance: int = 10**9) -> int:
         account_id = next(self.ids)
         self.accounts[account_id] = AccountState(
-            id=account_id, currency=CNY, kind=AccountKind.USER, overdraft_allowed=False,
-            scope="s", credits_posted=balance, risk=rules,
-        )  # fmt: skip
+            id=account_id,
+            currency=CNY,
+            kind=AccountKind.USER,
+            overdraft_allowed=False,
+            scope="s",
+            credits_posted=balance,
+            risk=rules,
+        )
         return account_id
 
     def apply(self, commands: list[Command], now: datetime) -> list[Result]:
@@ -132,22 +136,35 @@ class RiskLedger:
         for transfer, scope in plan.transfers_created:
             if transfer.pending:
                 self.holds[transfer.id] = HoldState(
-                    id=transfer.id, debit_account_id=transfer.debit_account_id,
-                    credit_account_id=transfer.credit_account_id, currency=CNY,
-                    amount_minor=transfer.amount_minor, status=transfer.status, pending=True,
-                    scope=scope, group_id=None, metadata={}, expires_at=None,
+                    id=transfer.id,
+                    debit_account_id=transfer.debit_account_id,
+                    credit_account_id=transfer.credit_account_id,
+                    currency=CNY,
+                    amount_minor=transfer.amount_minor,
+                    status=transfer.status,
+                    pending=True,
+                    scope=scope,
+                    group_id=None,
+                    metadata={},
+                    expires_at=None,
                     created_at=now,
-                )  # fmt: skip
+                )
         for update in plan.hold_updates:
             self.holds[update.id].status = update.status
         for new in plan.challenges_created:
             code, salt = f"{new.id % 1_000_000:06d}", b"salt"
             self.codes[new.id] = code
             self.challenges[new.id] = ChallengeState(
-                id=new.id, scope=new.scope, account_id=new.account_id, command=new.command,
-                salt=salt, code_hash=risk.hash_code(salt, new.id, code), attempts=0,
-                status=StepUpStatus.PENDING, expires_at=new.expires_at,
-            )  # fmt: skip
+                id=new.id,
+                scope=new.scope,
+                account_id=new.account_id,
+                command=new.command,
+                salt=salt,
+                code_hash=risk.hash_code(salt, new.id, code),
+                attempts=0,
+                status=StepUpStatus.PENDING,
+                expires_at=new.expires_at,
+            )
         for change in plan.challenge_updates:
             self.challenges[change.id].status = change.status
             self.challenges[change.id].attempts = change.attempts
@@ -165,13 +182,14 @@ def check_counters(account: AccountState) -> None:
         assert counters.transfers_minute <= rules.velocity_max_per_minute, account
 
 
-def transfer(
-    debit: int, credit: int, amount: int, *, pending: bool = False
-) -> TransferSpec:
+def transfer(debit: int, credit: int, amount: int, *, pending: bool = False) -> TransferSpec:
     return TransferSpec(
-        debit_account_id=debit, credit_account_id=credit, amount_minor=amount, currency=CNY,
+        debit_account_id=debit,
+        credit_account_id=credit,
+        amount_minor=amount,
+        currency=CNY,
         pending=pending,
-    )  # fmt: skip
+    )
 
 
 def one(debit: int, credit: int, amount: int, *, pending: bool = False) -> CreateTransfers:
@@ -191,8 +209,11 @@ def test_a_batch_without_rules_neither_counts_nor_records() -> None:
 
 def test_each_refusal_moves_nothing_and_is_recorded_with_its_account() -> None:
     ledger = RiskLedger()
-    payer = ledger.open(RiskRules(max_per_transfer_minor=100, daily_outflow_max_minor=150,
-                                  velocity_max_per_minute=3))  # fmt: skip
+    payer = ledger.open(
+        RiskRules(
+            max_per_transfer_minor=100, daily_outflow_max_minor=150, velocity_max_per_minute=3
+        )
+    )
     frozen = ledger.open(RiskRules(frozen=True))
     payee = ledger.open()
     results = ledger.apply(
@@ -208,16 +229,22 @@ def test_each_refusal_moves_nothing_and_is_recorded_with_its_account() -> None:
         T0,
     )
     assert codes(results) == [
-        ResultCode.RISK_TRANSFER_LIMIT, ResultCode.OK, ResultCode.RISK_DAILY_OUTFLOW_LIMIT,
-        ResultCode.ACCOUNT_FROZEN, ResultCode.ACCOUNT_FROZEN, ResultCode.OK,
+        ResultCode.RISK_TRANSFER_LIMIT,
+        ResultCode.OK,
         ResultCode.RISK_DAILY_OUTFLOW_LIMIT,
-    ]  # fmt: skip
+        ResultCode.ACCOUNT_FROZEN,
+        ResultCode.ACCOUNT_FROZEN,
+        ResultCode.OK,
+        ResultCode.RISK_DAILY_OUTFLOW_LIMIT,
+    ]
     assert ledger.accounts[payer].debits_posted == 150
     assert ledger.refusals == [
-        (payer, ResultCode.RISK_TRANSFER_LIMIT), (payer, ResultCode.RISK_DAILY_OUTFLOW_LIMIT),
-        (frozen, ResultCode.ACCOUNT_FROZEN), (frozen, ResultCode.ACCOUNT_FROZEN),
+        (payer, ResultCode.RISK_TRANSFER_LIMIT),
         (payer, ResultCode.RISK_DAILY_OUTFLOW_LIMIT),
-    ]  # fmt: skip
+        (frozen, ResultCode.ACCOUNT_FROZEN),
+        (frozen, ResultCode.ACCOUNT_FROZEN),
+        (payer, ResultCode.RISK_DAILY_OUTFLOW_LIMIT),
+    ]
     # After 00:00 UTC the day starts again (T0 is 90 s before midnight).
     assert codes(ledger.apply([one(payer, payee, 100)], T0 + timedelta(seconds=90))) == [
         ResultCode.OK
@@ -258,9 +285,7 @@ def test_a_voided_hold_does_not_give_its_outflow_back() -> None:
         ResultCode.OK
     ]
     assert ledger.accounts[payer].debits_pending == 0
-    assert codes(ledger.apply([one(payer, payee, 21)], T0)) == [
-        ResultCode.RISK_DAILY_OUTFLOW_LIMIT
-    ]
+    assert codes(ledger.apply([one(payer, payee, 21)], T0)) == [ResultCode.RISK_DAILY_OUTFLOW_LIMIT]
     assert codes(ledger.apply([one(payer, payee, 20)], T0)) == [ResultCode.OK]
 
 
@@ -270,9 +295,7 @@ def test_posting_stops_at_a_frozen_account_but_voiding_does_not() -> None:
     results = ledger.apply([one(payer, payee, 10, pending=True) for _ in range(2)], T0)
     first, second = (r.transfers[0].id for r in results)
     ledger.accounts[payer].risk = RiskRules(frozen=True)
-    assert codes(ledger.apply([PostPending(transfer_id=first)], T0)) == [
-        ResultCode.ACCOUNT_FROZEN
-    ]
+    assert codes(ledger.apply([PostPending(transfer_id=first)], T0)) == [ResultCode.ACCOUNT_FROZEN]
     assert codes(ledger.apply([VoidPending(transfer_id=second)], T0)) == [ResultCode.OK]
     assert ledger.refusals == [(payer, ResultCode.ACCOUNT_FROZEN)]
 
@@ -349,8 +372,10 @@ _batch = st.tuples(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rules=st.lists(st.one_of(st.none(), _rules), min_size=4, max_size=4),
-       batches=st.lists(_batch, min_size=1, max_size=12))  # fmt: skip
+@given(
+    rules=st.lists(st.one_of(st.none(), _rules), min_size=4, max_size=4),
+    batches=st.lists(_batch, min_size=1, max_size=12),
+)
 def test_accepted_transfers_never_exceed_any_limit(
     rules: list[RiskRules | None], batches: list[tuple[int, list[list[tuple[int, int, int, bool]]]]]
 ) -> None:
@@ -363,14 +388,16 @@ def test_accepted_transfers_never_exceed_any_limit(
         now += timedelta(seconds=gap_s)
         batch: list[Command] = [
             CreateTransfers(
-                transfers=tuple(transfer(ids[d], ids[c], amount, pending=p)
-                                for d, c, amount, p in specs),  # fmt: skip
+                transfers=tuple(
+                    transfer(ids[d], ids[c], amount, pending=p) for d, c, amount, p in specs
+                ),
                 linked=len(specs) > 1,
             )
             for specs in commands
         ]
-        valid = [c for c in batch if all(s.debit_account_id != s.credit_account_id
-                                         for s in c.transfers)]  # fmt: skip
+        valid = [
+            c for c in batch if all(s.debit_account_id != s.credit_account_id for s in c.transfers)
+        ]
         for command, result in zip(valid, ledger.apply(valid, now), strict=True):
             if not result.ok:
                 continue

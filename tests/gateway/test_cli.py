@@ -25,15 +25,34 @@ async def test_risk_commands_set_kind_defaults_account_overrides_and_freezing(
             """INSERT INTO accounts (id, currency, kind, overdraft_allowed, scope, created_at)
                VALUES (42, 'CNY', 'user', false, 'public', now())"""
         )
-        assert await run(dsn, monkeypatch, "set", "--kind", "user",
-                         "--daily-outflow-max-minor", "500", "--velocity-max-per-minute",
-                         "10") == 0  # fmt: skip
-        assert await run(dsn, monkeypatch, "set", "--kind", "user",
-                         "--velocity-max-per-minute", "none") == 0  # fmt: skip
+        assert (
+            await run(
+                dsn,
+                monkeypatch,
+                "set",
+                "--kind",
+                "user",
+                "--daily-outflow-max-minor",
+                "500",
+                "--velocity-max-per-minute",
+                "10",
+            )
+            == 0
+        )
+        assert (
+            await run(
+                dsn, monkeypatch, "set", "--kind", "user", "--velocity-max-per-minute", "none"
+            )
+            == 0
+        )
         row = await conn.fetchrow("SELECT * FROM risk_kind_rules WHERE kind = 'user'")
         assert (row["daily_outflow_max_minor"], row["velocity_max_per_minute"]) == (500, None)
-        assert await run(dsn, monkeypatch, "set", "--account", "42",
-                         "--step-up-threshold-minor", "1000") == 0  # fmt: skip
+        assert (
+            await run(
+                dsn, monkeypatch, "set", "--account", "42", "--step-up-threshold-minor", "1000"
+            )
+            == 0
+        )
         assert await run(dsn, monkeypatch, "freeze", "42") == 0
         row = await conn.fetchrow("SELECT * FROM accounts WHERE id = 42")
         assert row["risk_step_up_threshold_minor"] == 1000 and row["risk_frozen"]
@@ -46,8 +65,10 @@ async def test_risk_commands_set_kind_defaults_account_overrides_and_freezing(
         assert "step_up_threshold_minor=1000" in shown and "frozen=False" in shown
         # Refused, and nothing changed: an unknown account, a value out of range, no limit.
         assert await run(dsn, monkeypatch, "freeze", "43") == 1
-        assert await run(dsn, monkeypatch, "set", "--account", "42",
-                         "--max-per-transfer-minor", "0") == 2  # fmt: skip
+        assert (
+            await run(dsn, monkeypatch, "set", "--account", "42", "--max-per-transfer-minor", "0")
+            == 2
+        )
         assert await run(dsn, monkeypatch, "set", "--kind", "merchant") == 2
         assert await conn.fetchval("SELECT count(*) FROM risk_kind_rules") == 1
         assert await conn.fetchval("SELECT risk_max_per_transfer_minor FROM accounts") is None

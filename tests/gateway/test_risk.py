@@ -164,8 +164,9 @@ async def test_step_up_dies_after_too_many_wrong_codes(api: Api, world: World) -
     code = await api.step_up_code(step_up["id"])
     lefts = []
     for _ in range(STEP_UP_ATTEMPTS_MAX):
-        body = assert_problem(await confirm(api, step_up["id"], wrong(code)), 422,
-                              "step_up_code_invalid")  # fmt: skip
+        body = assert_problem(
+            await confirm(api, step_up["id"], wrong(code)), 422, "step_up_code_invalid"
+        )
         lefts.append(body["attempts_left"])
     assert lefts == list(range(STEP_UP_ATTEMPTS_MAX - 1, -1, -1))
     assert_problem(await confirm(api, step_up["id"], code), 410, "step_up_attempts_exceeded")
@@ -195,7 +196,7 @@ async def test_step_up_expires(dsn: str) -> None:
 
 
 async def test_confirm_refuses_bad_codes_and_unknown_step_ups(api: Api, world: World) -> None:
-    for code in ("12345", "1234567", "12345a", "١٢٣٤٥٦", 123456):
+    for code in ("12345", "1234567", "123456\n", "12345a", "١٢٣٤٥٦", 123456):
         reply = await api.post(f"/v1/step-ups/{UNKNOWN_ID}/confirm", {"code": code})
         assert_problem(reply, 400, "validation_error")
     assert_problem(await confirm(api, UNKNOWN_ID, "123456"), 404, "step_up_not_found")
