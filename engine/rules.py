@@ -577,7 +577,9 @@ class _BatchState:
             return _failure(ResultCode.STEP_UP_NOT_FOUND, f"no step-up {command.challenge_id}")
         failure = _challenge_failure(challenge, self.now)
         if failure is not None:
-            if failure.code is ResultCode.STEP_UP_EXPIRED:
+            if failure.code is not ResultCode.STEP_UP_ALREADY_CONFIRMED:
+                # Tries on a dead or expired step-up are worth a look; a duplicate confirm
+                # of a done one is an ordinary retry.
                 self._record(failure, challenge.account_id, None)
             return _failure(failure.code, failure.reason)
         if not risk.code_matches(challenge.salt, challenge.code_hash, challenge.id, command.code):

@@ -451,8 +451,7 @@ async def _write(
         [key.key for key, _ in keyed],
         [encode_result(result) for _, result in keyed],
     ]
-    if not (plan.risky or plan.challenge_updates):
-        assert not plan.refusals and not plan.challenges_created, "only risky batches make them"
+    if not (plan.risky or plan.challenge_updates or plan.refusals or plan.challenges_created):
         await conn.execute(_WRITE, *arguments)
         return
     await conn.execute(

@@ -242,3 +242,38 @@ async def test_a_step_up_group_runs_whole(engine: Engine) -> None:
     done = await engine.submit(ConfirmStepUp(challenge_id=held.step_up.id, code=code, scope=SCOPE))
     assert done.ok and [t.amount_minor for t in done.transfers] == [50, 150]
     assert done.transfers[0].group_id is not None
+
+
+async def test_a_step_up_outlives_its_rule_and_still_expires(dsn: str) -> None:
+    """Confirming after the threshold was lifted: a batch with no account rules still
+    writes the challenge's fate and the refusal."""
+    clock = Clock()
+    engine = await Engine.open(dsn, config=TEST_ENGINE_CONFIG, clock=clock)
+    try:
+        _, user, merchant = await funded_pair(engine, RICH)
+        await set_account(engine, user, step_up_threshold_minor=0)
+        late, wrong = [await move(engine, user, merchant, 5) for _ in range(2)]
+        assert late.step_up is not None and wrong.step_up is not None
+        await set_account(engine, user, step_up_threshold_minor=None)
+        code = await outbox_code(engine, wrong.step_up.id)
+        bad = f"{(int(code) + 1) % 1_000_000:06d}"
+        refused = await engine.submit(
+            ConfirmStepUp(challenge_id=wrong.step_up.id, code=bad, scope=SCOPE)
+        )
+        assert (refused.code, refused.attempts_left) == (ResultCode.STEP_UP_CODE_INVALID, 4)
+        clock.advance(STEP_UP_TTL_S)
+        code = await outbox_code(engine, late.step_up.id)
+        expired = await engine.submit(
+            ConfirmStepUp(challenge_id=late.step_up.id, code=code, scope=SCOPE)
+        )
+        assert expired.code is ResultCode.STEP_UP_EXPIRED
+        async with engine.pool.acquire() as conn:
+            codes = await conn.fetch("SELECT code FROM risk_refusals ORDER BY id")
+            attempts = await conn.fetchval(
+                "SELECT attempts FROM step_up_challenges WHERE id = $1", wrong.step_up.id
+            )
+        assert [r["code"] for r in codes] == ["step_up_code_invalid", "step_up_expired"]
+        assert attempts == 1
+        assert (await risk_row(engine, user))["debits_posted"] == 0
+    finally:
+        await engine.close()

@@ -338,6 +338,7 @@ def test_step_up_dies_after_too_many_wrong_codes_or_when_expired() -> None:
     assert ledger.accounts[payer].debits_posted == 0
     assert Counter(code for _, code in ledger.refusals) == {
         ResultCode.STEP_UP_CODE_INVALID: 5,
+        ResultCode.STEP_UP_ATTEMPTS_EXCEEDED: 1,
         ResultCode.STEP_UP_EXPIRED: 1,
     }
 

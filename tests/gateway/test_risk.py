@@ -176,6 +176,10 @@ async def test_step_up_dies_after_too_many_wrong_codes(api: Api, world: World) -
             "SELECT status, attempts FROM step_up_challenges WHERE id = $1", int(step_up["id"])
         )
     assert (row["status"], row["attempts"]) == ("locked", STEP_UP_ATTEMPTS_MAX)
+    recorded = [r["code"] for r in await api.refusals(world.user)]
+    assert recorded == ["step_up_code_invalid"] * STEP_UP_ATTEMPTS_MAX + [
+        "step_up_attempts_exceeded"
+    ]
 
 
 async def test_step_up_expires(dsn: str) -> None:
