@@ -807,3 +807,19 @@ async def reap_idempotency_keys(
         limit,
     )
     return int(status.split()[-1])
+
+
+async def reap_step_up_messages(conn: asyncpg.Connection, *, now: datetime, limit: int) -> int:
+    """Delete at most `limit` outbox messages whose code can no longer be used (the
+    step-up expired, was confirmed or is dead): a code in clear should not outlive its
+    use. The challenges themselves (hashes only) and the refusals are kept as records."""
+    status: str = await conn.execute(
+        """DELETE FROM step_up_outbox WHERE challenge_id = ANY(ARRAY(
+               SELECT o.challenge_id FROM step_up_outbox o
+               JOIN step_up_challenges c ON c.id = o.challenge_id
+               WHERE c.expires_at <= $1 OR c.status <> 'pending'
+               ORDER BY o.challenge_id LIMIT $2))""",
+        now,
+        limit,
+    )
+    return int(status.split()[-1])

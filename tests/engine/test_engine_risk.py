@@ -22,6 +22,7 @@ from engine import (
     risk_settings,
 )
 from engine.risk import STEP_UP_TTL_S
+from engine.sweeper import reap_step_up_messages_once
 from tests.conftest import TEST_ENGINE_CONFIG
 from tests.engine.test_engine import SCOPE, Clock, funded_pair, key, move, transfer
 
@@ -275,5 +276,27 @@ async def test_a_step_up_outlives_its_rule_and_still_expires(dsn: str) -> None:
         assert [r["code"] for r in codes] == ["step_up_code_invalid", "step_up_expired"]
         assert attempts == 1
         assert (await risk_row(engine, user))["debits_posted"] == 0
+    finally:
+        await engine.close()
+
+
+async def test_the_sweeper_deletes_codes_once_spent_or_expired(dsn: str) -> None:
+    clock = Clock()
+    engine = await Engine.open(dsn, config=TEST_ENGINE_CONFIG, clock=clock)
+    try:
+        _, user, merchant = await funded_pair(engine, RICH)
+        await set_account(engine, user, step_up_threshold_minor=0)
+        used, waiting = [(await move(engine, user, merchant, 5)).step_up for _ in range(2)]
+        assert used is not None and waiting is not None
+        assert await reap_step_up_messages_once(engine, limit=10) == 0  # both still usable
+        code = await outbox_code(engine, used.id)
+        assert (await engine.submit(ConfirmStepUp(challenge_id=used.id, code=code))).ok
+        assert await reap_step_up_messages_once(engine, limit=10) == 1  # spent
+        await outbox_code(engine, waiting.id)  # still there: it may still be confirmed
+        clock.advance(STEP_UP_TTL_S)
+        assert await reap_step_up_messages_once(engine, limit=10) == 1  # expired
+        async with engine.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM step_up_outbox") == 0
+            assert await conn.fetchval("SELECT count(*) FROM step_up_challenges") == 2
     finally:
         await engine.close()
