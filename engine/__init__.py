@@ -4,6 +4,7 @@ The public surface is small: open an Engine, submit commands, read accounts and
 history, close. Everything else in this package is how that is done.
 """
 
+from engine import risk_settings
 from engine.engine import Engine, EngineConfig
 from engine.errors import (
     ClientError,
@@ -23,6 +24,7 @@ from engine.model import (
     AccountKind,
     AccountView,
     Command,
+    ConfirmStepUp,
     CreateAccount,
     CreateTransfers,
     EntryKind,
@@ -32,6 +34,8 @@ from engine.model import (
     PostPending,
     Result,
     ResultCode,
+    StepUpStatus,
+    StepUpView,
     TransferSpec,
     TransferStatus,
     TransferView,
@@ -43,6 +47,7 @@ __all__ = [
     "AccountView",
     "ClientError",
     "Command",
+    "ConfirmStepUp",
     "Conflict",
     "CreateAccount",
     "CreateTransfers",
@@ -65,9 +70,12 @@ __all__ = [
     "Result",
     "ResultCode",
     "RetryableError",
+    "StepUpStatus",
+    "StepUpView",
     "TransferSpec",
     "TransferStatus",
     "TransferView",
     "Unavailable",
     "VoidPending",
+    "risk_settings",
 ]

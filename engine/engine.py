@@ -36,6 +36,7 @@ from engine.lanes import (
 from engine.model import (
     AccountView,
     Command,
+    ConfirmStepUp,
     CreateAccount,
     CreateTransfers,
     Idempotency,
@@ -200,6 +201,8 @@ class Engine:
             routing_id = command.transfers[0].debit_account_id
         elif isinstance(command, PostPending | VoidPending):
             routing_id = command.transfer_id
+        elif isinstance(command, ConfirmStepUp):
+            routing_id = command.challenge_id
         else:
             assert isinstance(command, CreateAccount)
             routing_id = self.next_id()

@@ -29,6 +29,7 @@ HOLD_TIMEOUT_S_MAX: Final = 30 * 24 * 3600
 # keys with the "txengine." prefix (the gateway refuses them).
 PRODUCT_METADATA_KEY: Final = "txengine.product"
 RESERVED_METADATA_PREFIX: Final = "txengine."
+STEP_UP_CODE_DIGITS: Final = 6
 
 Metadata = dict[str, str]
 
@@ -71,6 +72,24 @@ class ResultCode(enum.StrEnum):
     POST_AMOUNT_EXCEEDS_PENDING = "post_amount_exceeds_pending"
     TRANSFER_HELD_BY_PRODUCT = "transfer_held_by_product"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    # Risk rules said no (engine.risk). Recorded in risk_refusals with the reason.
+    ACCOUNT_FROZEN = "account_frozen"
+    RISK_TRANSFER_LIMIT = "risk_transfer_limit"
+    RISK_DAILY_OUTFLOW_LIMIT = "risk_daily_outflow_limit"
+    RISK_VELOCITY_LIMIT = "risk_velocity_limit"
+    # Not a refusal: the transfer waits for the payer's one-time code (Result.step_up).
+    STEP_UP_REQUIRED = "step_up_required"
+    STEP_UP_NOT_FOUND = "step_up_not_found"
+    STEP_UP_CODE_INVALID = "step_up_code_invalid"
+    STEP_UP_ATTEMPTS_EXCEEDED = "step_up_attempts_exceeded"
+    STEP_UP_EXPIRED = "step_up_expired"
+    STEP_UP_ALREADY_CONFIRMED = "step_up_already_confirmed"
+
+
+class StepUpStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for the payer's code (until expires_at)
+    CONFIRMED = "confirmed"  # the right code came: the transfer ran once, with its result
+    LOCKED = "locked"  # too many wrong codes: dead, the transfer never runs
 
 
 def is_known_currency(code: str) -> bool:
@@ -119,7 +138,15 @@ class VoidPending(msgspec.Struct, frozen=True, kw_only=True, tag="void_pending")
     scope: str | None = None
 
 
-Command = CreateAccount | CreateTransfers | PostPending | VoidPending
+class ConfirmStepUp(msgspec.Struct, frozen=True, kw_only=True, tag="confirm_step_up"):
+    """The payer's one-time code for a step-up challenge: runs its transfer once."""
+
+    challenge_id: int
+    code: str
+    scope: str | None = None
+
+
+Command = CreateAccount | CreateTransfers | PostPending | VoidPending | ConfirmStepUp
 
 
 class Idempotency(msgspec.Struct, frozen=True, kw_only=True):
@@ -188,6 +215,15 @@ class EntryView(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
 
 
+class StepUpView(msgspec.Struct, frozen=True, kw_only=True):
+    """A step-up challenge as its creator sees it: never the code."""
+
+    id: int
+    account_id: int  # the payer, whose phone got the code
+    expires_at: datetime
+    attempts_max: int
+
+
 class Result(msgspec.Struct, frozen=True, kw_only=True):
     """The answer to one command. Stored in the idempotency record and replayed on retry.
 
@@ -200,6 +236,9 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     account: AccountView | None = None
     transfers: tuple[TransferView, ...] = ()
     failed_index: int | None = None
+    retry_after_s: int | None = None  # risk limits: when a new request could pass
+    attempts_left: int | None = None  # a wrong step-up code: tries before the challenge dies
+    step_up: StepUpView | None = None  # STEP_UP_REQUIRED: the challenge to confirm
     replayed: bool = False  # set on the way out when this answer came from the store
 
     @property
@@ -238,6 +277,13 @@ def command_error(command: Command) -> str | None:
             error = _transfer_spec_error(spec)
             if error is not None:
                 return error
+        return None
+    if isinstance(command, ConfirmStepUp):
+        if not 0 < command.challenge_id <= INT64_MAX:
+            return "challenge id out of range"
+        code = command.code
+        if not (len(code) == STEP_UP_CODE_DIGITS and code.isascii() and code.isdigit()):
+            return f"the code is {STEP_UP_CODE_DIGITS} digits"
         return None
     if not 0 < command.transfer_id <= INT64_MAX:
         return "transfer id out of range"

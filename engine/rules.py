@@ -7,6 +7,9 @@ so the rules are tested directly, and by hypothesis, without a database.
 Every movement debits one account and credits another by the same amount, so the
 credit-normal balances of a currency keep summing to zero; `check_account` states the
 per-account invariants and runs after every change.
+
+Risk rules (engine.risk) are checked on accounts that carry any (`AccountState.risk`);
+a batch whose accounts carry none skips them entirely, so they cost nothing there.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 
+from engine import risk
 from engine.model import (
     INT64_MAX,
     PRODUCT_METADATA_KEY,
     AccountKind,
     AccountView,
     Command,
+    ConfirmStepUp,
     CreateAccount,
     CreateTransfers,
     EntryKind,
@@ -28,11 +33,14 @@ from engine.model import (
     PostPending,
     Result,
     ResultCode,
+    StepUpStatus,
+    StepUpView,
     TransferSpec,
     TransferStatus,
     TransferView,
     VoidPending,
 )
+from engine.risk import RiskCounters, RiskRules
 
 IdSource = Callable[[], int]
 
@@ -50,6 +58,8 @@ class AccountState:
     credits_posted: int = 0
     debits_pending: int = 0
     credits_pending: int = 0
+    risk: RiskRules | None = None  # the rules in force (kind defaults merged), if any
+    counters: RiskCounters | None = None  # kept while risk.counted; immutable, so shared
 
     def clone(self) -> AccountState:
         # dataclasses.replace costs several times more, and a batch clones every account.
@@ -63,6 +73,8 @@ class AccountState:
             credits_posted=self.credits_posted,
             debits_pending=self.debits_pending,
             credits_pending=self.credits_pending,
+            risk=self.risk,
+            counters=self.counters,
         )
 
     @property
@@ -90,6 +102,52 @@ class HoldState:
     metadata: Metadata
     expires_at: datetime | None
     created_at: datetime
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class ChallengeState:
+    """A locked step-up challenge: the transfer command waiting for the payer's code."""
+
+    id: int
+    scope: str
+    account_id: int  # the payer, who got the code
+    command: CreateTransfers
+    salt: bytes
+    code_hash: bytes
+    attempts: int  # wrong codes so far
+    status: StepUpStatus
+    expires_at: datetime
+
+
+@dataclasses.dataclass(slots=True, kw_only=True, frozen=True)
+class NewChallenge:
+    """A challenge to create; the store draws its code, stores the hash, sends the code."""
+
+    id: int
+    scope: str
+    account_id: int
+    command: CreateTransfers
+    expires_at: datetime
+
+
+@dataclasses.dataclass(slots=True, kw_only=True, frozen=True)
+class ChallengeUpdate:
+    id: int
+    status: StepUpStatus
+    attempts: int
+    result_code: ResultCode | None  # the transfer's result, once confirmed
+
+
+@dataclasses.dataclass(slots=True, kw_only=True, frozen=True)
+class RefusalRow:
+    """A risk refusal to record, with the position of its command in the batch."""
+
+    id: int
+    command_index: int
+    account_id: int
+    code: ResultCode
+    reason: str
+    amount_minor: int | None
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, which
@@ -126,6 +184,10 @@ class BatchPlan:
     entries: list[EntryRow]
     # Accounts whose totals changed; each is written once however many transfers hit it.
     accounts_changed: dict[int, AccountState]
+    challenges_created: list[NewChallenge] = dataclasses.field(default_factory=list)
+    challenge_updates: list[ChallengeUpdate] = dataclasses.field(default_factory=list)
+    refusals: list[RefusalRow] = dataclasses.field(default_factory=list)
+    risky: bool = False  # some account carried risk rules: counters may have changed
 
 
 def check_account(account: AccountState) -> None:
@@ -150,19 +212,26 @@ def apply_batch(
     *,
     now: datetime,
     next_id: IdSource,
+    challenges: Mapping[int, ChallengeState] | None = None,
 ) -> BatchPlan:
-    """Apply `commands` in order to copies of `accounts` and `holds`.
+    """Apply `commands` in order to copies of `accounts`, `holds` and `challenges`.
 
     `accounts` must hold every existing account the commands name (absent ones do not
-    exist or are not visible) and `holds` every hold they name. The inputs are not changed.
+    exist or are not visible), `holds` every hold and `challenges` every step-up challenge
+    they name, and the accounts of those. The inputs are not changed.
     """
     state = _BatchState(
         accounts={i: a.clone() for i, a in accounts.items()},
         holds={i: dataclasses.replace(h) for i, h in holds.items()},
+        challenges={i: dataclasses.replace(c) for i, c in (challenges or {}).items()},
         now=now,
         next_id=next_id,
+        risky=any(a.risk is not None for a in accounts.values()),
     )
-    results = [state.apply(command) for command in commands]
+    results = []
+    for index, command in enumerate(commands):
+        state.index = index
+        results.append(state.apply(command))
     plan = BatchPlan(
         results=results,
         accounts_created=state.accounts_created,
@@ -170,6 +239,10 @@ def apply_batch(
         hold_updates=list(state.hold_updates.values()),
         entries=state.entries,
         accounts_changed={i: state.accounts[i] for i in sorted(state.changed_ids)},
+        challenges_created=state.challenges_created,
+        challenge_updates=list(state.challenge_updates.values()),
+        refusals=state.refusals,
+        risky=state.risky,
     )
     for account in plan.accounts_changed.values():
         check_account(account)
@@ -213,8 +286,14 @@ class _Staged:
 class _BatchState:
     accounts: dict[int, AccountState]
     holds: dict[int, HoldState]
+    challenges: dict[int, ChallengeState]
     now: datetime
     next_id: IdSource
+    risky: bool  # some account of the batch carries risk rules
+    index: int = 0  # position of the command being applied
+    challenges_created: list[NewChallenge] = dataclasses.field(default_factory=list)
+    challenge_updates: dict[int, ChallengeUpdate] = dataclasses.field(default_factory=dict)
+    refusals: list[RefusalRow] = dataclasses.field(default_factory=list)
     changed_ids: set[int] = dataclasses.field(default_factory=set)
     accounts_created: list[tuple[AccountState, Metadata]] = dataclasses.field(default_factory=list)
     transfers_created: list[tuple[TransferView, str]] = dataclasses.field(default_factory=list)
@@ -231,6 +310,8 @@ class _BatchState:
         if isinstance(command, VoidPending):
             kind = EntryKind.EXPIRE if command.expired else EntryKind.VOID
             return self._resolve(command.transfer_id, command.scope, void_kind=kind)
+        if isinstance(command, ConfirmStepUp):
+            return self._confirm_step_up(command)
         return self._create_account(command)
 
     # -- accounts -------------------------------------------------------------------------
@@ -259,24 +340,39 @@ class _BatchState:
 
     # -- transfers ------------------------------------------------------------------------
 
-    def _create_transfers(self, command: CreateTransfers) -> Result:
+    def _create_transfers(self, command: CreateTransfers, *, confirmed: bool = False) -> Result:
+        """Apply a transfer command, or, if a payer's step-up threshold is passed and the
+        payer has not confirmed, keep it in a new challenge after checking that it would
+        succeed now (no code is sent for a transfer that would fail anyway)."""
         assert command.transfers, "a CreateTransfers command names at least one transfer"
-        staged = _Staged(direct=len(command.transfers) == 1)
+        payer = None if confirmed or not self.risky else self._step_up_payer(command)
+        staged = _Staged(direct=len(command.transfers) == 1 and payer is None)
         group_id = self.next_id() if command.linked else None
         for index, spec in enumerate(command.transfers):
             failure = self._stage_transfer(staged, spec, command.scope, group_id)
             if failure is not None:
-                code, detail = failure
+                if isinstance(failure, risk.Refusal):
+                    code, detail, retry_after_s = (
+                        failure.code,
+                        failure.reason,
+                        failure.retry_after_s,
+                    )
+                else:
+                    (code, detail), retry_after_s = failure, None
                 if command.linked and len(command.transfers) > 1:
                     detail = f"transfer {index} of the linked group failed: {detail}"
-                return _failure(code, detail, index=index)
+                return Result(
+                    code=code, detail=detail, failed_index=index, retry_after_s=retry_after_s
+                )
+        if payer is not None:
+            return self._challenge(command, payer)
         self._commit(staged)
         self.transfers_created.extend(staged.transfers)
         return Result(code=ResultCode.OK, transfers=tuple(t for t, _ in staged.transfers))
 
     def _stage_transfer(
         self, staged: _Staged, spec: TransferSpec, scope: str | None, group_id: int | None
-    ) -> tuple[ResultCode, str] | None:
+    ) -> tuple[ResultCode, str] | risk.Refusal | None:
         debit = self._staged_account(staged, spec.debit_account_id, scope)
         credit = self._staged_account(staged, spec.credit_account_id, scope)
         failure = _transfer_failure(spec, debit, credit)
@@ -284,6 +380,10 @@ class _BatchState:
             return failure
         assert debit is not None and credit is not None
         amount = spec.amount_minor
+        if debit.risk is not None or credit.risk is not None:
+            refusal = self._outflow_refusal(debit, credit, amount)
+            if refusal is not None:
+                return refusal
         if spec.pending:
             debit.debits_pending += amount
             credit.credits_pending += amount
@@ -311,6 +411,39 @@ class _BatchState:
         self._stage_entry(staged, debit, transfer.id, kind, -posted_delta, -pending_delta)
         self._stage_entry(staged, credit, transfer.id, kind, posted_delta, pending_delta)
         return None
+
+    def _outflow_refusal(
+        self, debit: AccountState, credit: AccountState, amount: int
+    ) -> risk.Refusal | None:
+        """The risk rules' verdict on `debit` sending `amount` to `credit`; on acceptance
+        the payer's counters move on (on the staged copy, so a failed group counts nothing)."""
+        for account in (debit, credit):
+            refusal = risk.frozen_refusal(account.id, account.risk)
+            if refusal is not None:
+                self._record(refusal, account.id, amount)
+                return refusal
+        rules = debit.risk
+        if rules is None:
+            return None
+        counters = debit.counters or risk.ZERO_COUNTERS
+        refusal = risk.outflow_refusal(debit.id, rules, counters, amount, self.now)
+        if refusal is not None:
+            self._record(refusal, debit.id, amount)
+        elif rules.counted:
+            debit.counters = counters.after(amount, risk.minute_of(self.now))
+        return refusal
+
+    def _record(self, refusal: risk.Refusal, account_id: int, amount: int | None) -> None:
+        self.refusals.append(
+            RefusalRow(
+                id=self.next_id(),
+                command_index=self.index,
+                account_id=account_id,
+                code=refusal.code,
+                reason=refusal.reason,
+                amount_minor=amount,
+            )
+        )
 
     def _staged_account(
         self, staged: _Staged, account_id: int, scope: str | None
@@ -376,6 +509,12 @@ class _BatchState:
         failure = _resolution_failure(hold, self.now, post_amount, void_kind)
         if failure is not None:
             return _failure(*failure)
+        if void_kind is None and self.risky:
+            # Posting moves money, so it stops at a frozen account; voiding and expiring
+            # only give reserved money back, and are always allowed.
+            refusal = self._frozen_refusal(hold)
+            if refusal is not None:
+                return _failure(refusal.code, refusal.reason)
         posted = hold.amount_minor if post_amount is None else post_amount
         if void_kind is not None:
             posted = 0
@@ -399,6 +538,82 @@ class _BatchState:
         )
         return Result(code=ResultCode.OK, transfers=(self._hold_view(hold, posted),))
 
+    def _frozen_refusal(self, hold: HoldState) -> risk.Refusal | None:
+        for account_id in (hold.debit_account_id, hold.credit_account_id):
+            account = self.accounts[account_id]
+            refusal = risk.frozen_refusal(account_id, account.risk)
+            if refusal is not None:
+                self._record(refusal, account_id, hold.amount_minor)
+                return refusal
+        return None
+
+    # -- step-up --------------------------------------------------------------------------
+
+    def _step_up_payer(self, command: CreateTransfers) -> int | None:
+        """The first payer of `command` whose step-up threshold one of its transfers passes."""
+        for spec in command.transfers:
+            debit = self._visible(spec.debit_account_id, command.scope)
+            if debit is not None and risk.needs_step_up(debit.risk, spec.amount_minor):
+                return debit.id
+        return None
+
+    def _challenge(self, command: CreateTransfers, payer: int) -> Result:
+        challenge = NewChallenge(
+            id=self.next_id(),
+            scope=self.accounts[payer].scope,
+            account_id=payer,
+            command=command,
+            expires_at=self.now + timedelta(seconds=risk.STEP_UP_TTL_S),
+        )
+        self.challenges_created.append(challenge)
+        view = StepUpView(
+            id=challenge.id,
+            account_id=payer,
+            expires_at=challenge.expires_at,
+            attempts_max=risk.STEP_UP_ATTEMPTS_MAX,
+        )
+        return Result(
+            code=ResultCode.STEP_UP_REQUIRED,
+            detail=f"account {payer} must confirm with the code sent to it",
+            step_up=view,
+        )
+
+    def _confirm_step_up(self, command: ConfirmStepUp) -> Result:
+        challenge = self.challenges.get(command.challenge_id)
+        if challenge is None or (command.scope is not None and challenge.scope != command.scope):
+            return _failure(ResultCode.STEP_UP_NOT_FOUND, f"no step-up {command.challenge_id}")
+        failure = _challenge_failure(challenge, self.now)
+        if failure is not None:
+            if failure.code is not ResultCode.STEP_UP_ALREADY_CONFIRMED:
+                # Tries on a dead or expired step-up are worth a look; a duplicate confirm
+                # of a done one is an ordinary retry.
+                self._record(failure, challenge.account_id, None)
+            return _failure(failure.code, failure.reason)
+        if not risk.code_matches(challenge.salt, challenge.code_hash, challenge.id, command.code):
+            challenge.attempts += 1
+            left = risk.STEP_UP_ATTEMPTS_MAX - challenge.attempts
+            if left <= 0:
+                challenge.status = StepUpStatus.LOCKED
+            self._update_challenge(challenge, None)
+            refusal = risk.Refusal(
+                ResultCode.STEP_UP_CODE_INVALID,
+                f"wrong code for step-up {challenge.id}, {left} attempts left",
+            )
+            self._record(refusal, challenge.account_id, None)
+            return Result(code=refusal.code, detail=refusal.reason, attempts_left=left)
+        challenge.status = StepUpStatus.CONFIRMED
+        result = self._create_transfers(challenge.command, confirmed=True)
+        self._update_challenge(challenge, result.code)
+        return result
+
+    def _update_challenge(self, challenge: ChallengeState, result_code: ResultCode | None) -> None:
+        self.challenge_updates[challenge.id] = ChallengeUpdate(
+            id=challenge.id,
+            status=challenge.status,
+            attempts=challenge.attempts,
+            result_code=result_code,
+        )
+
     def _hold_view(self, hold: HoldState, posted: int) -> TransferView:
         return TransferView(
             id=hold.id,
@@ -415,6 +630,21 @@ class _BatchState:
             created_at=hold.created_at,
             resolved_at=self.now,
         )
+
+
+def _challenge_failure(challenge: ChallengeState, now: datetime) -> risk.Refusal | None:
+    if challenge.status is StepUpStatus.CONFIRMED:
+        return risk.Refusal(
+            ResultCode.STEP_UP_ALREADY_CONFIRMED, f"step-up {challenge.id} was confirmed already"
+        )
+    if challenge.status is StepUpStatus.LOCKED:
+        return risk.Refusal(
+            ResultCode.STEP_UP_ATTEMPTS_EXCEEDED,
+            f"step-up {challenge.id} got {risk.STEP_UP_ATTEMPTS_MAX} wrong codes and is dead",
+        )
+    if now >= challenge.expires_at:
+        return risk.Refusal(ResultCode.STEP_UP_EXPIRED, f"step-up {challenge.id} expired")
+    return None
 
 
 def _expiry(now: datetime, timeout_s: int | None) -> datetime | None:

@@ -1,5 +1,6 @@
 """Background work over the same store: expire holds past their timeout, reap old
-idempotency keys, fire the products' timers (engine.products.timers).
+idempotency keys, delete step-up codes that can no longer be used, fire the
+products' timers (engine.products.timers).
 
 Each job is a `run_once()` over a bounded batch; the loop sleeps only when a batch came
 back short, so a backlog drains at full speed and an idle system costs one query per
@@ -34,6 +35,7 @@ _LEADER_LOCK_KEY: Final = 0x7478_5357  # "txSW": one sweeper across all processe
 class SweeperConfig:
     holds_batch_size_max: int = 500  # expired holds voided per run
     keys_batch_size_max: int = 5_000  # idempotency keys deleted per run
+    messages_batch_size_max: int = 1_000  # spent step-up messages deleted per run
     interval_s: float = 1.0  # pause after a run that found less than a full batch
     error_backoff_s: float = 5.0  # pause after a run that failed (database away)
 
@@ -59,6 +61,12 @@ async def reap_keys_once(engine: Engine, *, limit: int) -> int:
     cutoff = engine.clock() - timedelta(seconds=engine.config.idempotency_retention_s)
     async with engine.pool.acquire() as conn:
         return await store.reap_idempotency_keys(conn, created_before=cutoff, limit=limit)
+
+
+async def reap_step_up_messages_once(engine: Engine, *, limit: int) -> int:
+    """Delete up to `limit` step-up messages whose code is spent or expired."""
+    async with engine.pool.acquire() as conn:
+        return await store.reap_step_up_messages(conn, now=engine.clock(), limit=limit)
 
 
 class Sweeper:
@@ -90,16 +98,29 @@ class Sweeper:
         config = self._config
         expired = await expire_holds_once(self._engine, limit=config.holds_batch_size_max)
         reaped = await reap_keys_once(self._engine, limit=config.keys_batch_size_max)
-        full = expired >= config.holds_batch_size_max or reaped >= config.keys_batch_size_max
+        messages = await reap_step_up_messages_once(
+            self._engine, limit=config.messages_batch_size_max
+        )
+        full = (
+            expired >= config.holds_batch_size_max
+            or reaped >= config.keys_batch_size_max
+            or messages >= config.messages_batch_size_max
+        )
         fired: dict[str, int] = {}
         for job in self._timer_jobs:
             count = await timers.fire(job, self._engine, now=self._engine.clock())
             full = full or count >= job.batch_size_max
             if count:
                 fired[job.name] = count
-        if expired or reaped or fired:
+        if expired or reaped or messages or fired:
             _log.info(
-                "swept", extra={"holds_expired": expired, "keys_reaped": reaped, "timers": fired}
+                "swept",
+                extra={
+                    "holds_expired": expired,
+                    "keys_reaped": reaped,
+                    "messages": messages,
+                    "timers": fired,
+                },
             )
         return full
 

@@ -1,4 +1,4 @@
-"""`txengine`: serve, migrate, reconcile, webhooks secret create|rotate.
+"""`txengine`: serve, migrate, reconcile, risk, webhooks secret create|rotate.
 
 `serve` starts the embedded PostgreSQL when TXENGINE_DATABASE_URL is not set, applies or
 checks migrations, then runs the gateway in one process or in several processes that
@@ -20,13 +20,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import uvloop
 from aiohttp import web
 
-from engine import ClientError, Engine, EngineError
+from engine import AccountKind, ClientError, Engine, EngineError, risk_settings
 from engine.database import EmbeddedPostgres, SchemaNotCurrent, check_schema, migrate
 from engine.engine import utc_now
 from engine.ids import NODE_COUNT_MAX, IdGenerator
@@ -261,6 +261,88 @@ def _webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
 
 
+async def _risk(dsn: str, args: argparse.Namespace) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await check_schema(conn)
+        return await _risk_command(conn, args)
+    except risk_settings.SettingError as error:
+        print(f"txengine: {error}", file=sys.stderr)
+        return 2
+    finally:
+        await conn.close()
+
+
+async def _risk_command(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    if args.risk_command == "show":
+        for row in await risk_settings.kind_rules(conn):
+            print(_settings_line(row))
+        if args.account is not None:
+            return _print_account(await risk_settings.account_rules(conn, args.account))
+        return 0
+    if args.risk_command in ("freeze", "unfreeze"):
+        frozen = args.risk_command == "freeze"
+        return _print_account(await risk_settings.set_frozen(conn, args.account, frozen=frozen))
+    changes = {
+        name: getattr(args, name)
+        for name in risk_settings.LIMITS
+        if getattr(args, name) is not _UNSET
+    }
+    if args.kind is not None:
+        row = await risk_settings.set_kind_rules(
+            conn, AccountKind(args.kind), changes, now=utc_now()
+        )
+        print(_settings_line(row))
+        return 0
+    return _print_account(await risk_settings.set_account_rules(conn, args.account, changes))
+
+
+def _print_account(row: dict[str, object] | None) -> int:
+    if row is None:
+        print("txengine: no such account", file=sys.stderr)
+        return 1
+    print(_settings_line(row))
+    return 0
+
+
+def _settings_line(row: dict[str, object]) -> str:
+    return "  ".join(f"{name}={'-' if value is None else value}" for name, value in row.items())
+
+
+_UNSET: Final = object()
+
+
+def _limit(text: str) -> int | None:
+    """A limit on the command line: an integer, or `none` to clear it."""
+    if text == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or none") from None
+
+
+def _add_risk_parser(commands: Any) -> None:
+    risk = commands.add_parser("risk", help="risk rules: limits, freezing, step-up")
+    actions = risk.add_subparsers(dest="risk_command", required=True)
+    setter = actions.add_parser(
+        "set",
+        help="set limits of an account kind (defaults) or of one account (overrides)",
+        description="Each limit takes an integer or `none` (for a kind: no limit; for an "
+        "account: inherit the kind's). Daily outflow counts per calendar day in UTC.",
+    )
+    target = setter.add_mutually_exclusive_group(required=True)
+    target.add_argument("--kind", choices=[k.value for k in AccountKind])
+    target.add_argument("--account", type=int)
+    for name in risk_settings.LIMITS:
+        setter.add_argument(f"--{name.replace('_', '-')}", type=_limit, default=_UNSET)
+    for action in ("freeze", "unfreeze"):
+        parser = actions.add_parser(action, help=f"{action} an account")
+        parser.add_argument("account", type=int)
+    show = actions.add_parser("show", help="print the kinds' rules and an account's")
+    show.add_argument("--account", type=int)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="txengine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +354,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="apply pending database migrations")
     commands.add_parser("reconcile", help="check every ledger invariant; exit 1 on a failure")
     _webhooks_parser(commands)
+    _add_risk_parser(commands)
     return parser
 
 
@@ -293,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         with database(settings) as dsn:
             if args.command == "webhooks":
                 return uvloop.run(_webhook_secret(dsn, args))
+            if args.command == "risk":
+                return uvloop.run(_risk(dsn, args))
             run = _migrate if args.command == "migrate" else _reconcile
             return uvloop.run(run(dsn))
     except SchemaNotCurrent as error:

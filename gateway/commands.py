@@ -22,12 +22,13 @@ from engine import (
     OutcomeUnknown,
     Overloaded,
     Result,
+    ResultCode,
     Unavailable,
 )
 from engine.products import Outcome, Step, run_step
 from gateway.idempotency import REPLAYED_HEADER, idempotency_of
 from gateway.problems import ProblemError, problem
-from gateway.schemas import encode
+from gateway.schemas import encode, step_up_json
 
 T = TypeVar("T")
 
@@ -170,9 +171,17 @@ async def submit(
 def result_response(
     result: Result, *, render: Callable[[Result], dict[str, Any]], status: int
 ) -> web.Response:
+    if result.code is ResultCode.STEP_UP_REQUIRED:
+        # Accepted, not done: nothing moves until the payer confirms with the code.
+        assert result.step_up is not None
+        return web.Response(
+            status=202, body=encode(step_up_json(result.step_up)), content_type="application/json"
+        )
     if not result.ok:
         extensions: dict[str, Any] = {}
-        if result.failed_index is not None:
-            extensions["failed_index"] = result.failed_index
+        for name in ("failed_index", "retry_after_s", "attempts_left"):
+            value = getattr(result, name)
+            if value is not None:
+                extensions[name] = value
         return problem(result.code.value, detail=result.detail, **extensions)
     return web.Response(status=status, body=encode(render(result)), content_type="application/json")

@@ -19,6 +19,7 @@ from gateway.order_schemas import REQUEST_TYPES as ORDER_REQUEST_TYPES
 from gateway.problems import PROBLEM_TYPES
 from gateway.schemas import (
     AccountCreate,
+    StepUpConfirm,
     TransferCreate,
     TransferGroupCreate,
     TransferPost,
@@ -41,6 +42,7 @@ _REQUEST_TYPES: Final = (
     TradeAction,
     TradeRefundCreate,
     *ORDER_REQUEST_TYPES,
+    StepUpConfirm,
 )
 _OPTIONAL_BODIES: Final = (
     "TransferPost",
@@ -345,6 +347,21 @@ _RESPONSE_SCHEMAS: Final[dict[str, Any]] = {
         }
     ),
     **_ORDER_SCHEMAS,
+    "StepUp": {
+        **_object(
+            {
+                "object": {"const": "step_up"},
+                "id": _ID,
+                "status": {"const": "pending"},
+                "account_id": _ID,
+                "expires_at": _TIME,
+                "attempts_max": {"type": "integer"},
+                "confirm_url": {"type": "string"},
+            }
+        ),
+        "description": "The transfer is above the payer's step-up threshold: nothing moved. "
+        "A one-time code was sent to the payer; POST it to confirm_url to run the transfer.",
+    },
     "Problem": {
         "type": "object",
         "description": "RFC 9457 problem details",
@@ -365,6 +382,14 @@ _RESPONSE_SCHEMAS: Final[dict[str, Any]] = {
             "out_trade_no": {"type": "string"},
             "out_request_no": {"type": "string"},
             "biller_type": {"type": "string"},
+            "retry_after_s": {
+                "type": "integer",
+                "description": "Risk limits: seconds until a new request (new key) may pass",
+            },
+            "attempts_left": {
+                "type": "integer",
+                "description": "A wrong step-up code: tries left before the step-up dies",
+            },
             "errors": {"type": "array", "items": {"type": "object"}},
             "trade_id": _ID,
             "refund_id": _ID,
@@ -391,6 +416,11 @@ def _json(name: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
 
 
+_STEP_UP_ACCEPTED: Final = {
+    "description": "Waiting for the payer's one-time code; nothing moved yet",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/StepUp"}}},
+}
+
 _PROBLEM: Final = {
     "description": "A problem (RFC 9457)",
     "content": {"application/problem+json": {"schema": _ref("Problem")}},
@@ -409,7 +439,11 @@ def _command(summary: str, request: str, response: str, status: int, **extra: An
             "required": request not in _OPTIONAL_BODIES,
             "content": {"application/json": {"schema": _ref(request)}},
         },
-        "responses": {str(status): _json(response, summary), "default": _PROBLEM},
+        "responses": {
+            str(status): _json(response, summary),
+            **({"202": extra["accepted"]} if "accepted" in extra else {}),
+            "default": _PROBLEM,
+        },
     }
 
 
@@ -523,7 +557,13 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
         )
     },
     "/v1/transfers": {
-        "post": _command("Move money, or hold it (pending)", "TransferCreate", "Transfer", 201)
+        "post": _command(
+            "Move money, or hold it (pending)",
+            "TransferCreate",
+            "Transfer",
+            201,
+            accepted=_STEP_UP_ACCEPTED,
+        )
     },
     "/v1/transfers/{transfer_id}": {
         "get": _read("Read a transfer", "Transfer", [_path_id("transfer_id")])
@@ -544,7 +584,11 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
     },
     "/v1/transfer_groups": {
         "post": _command(
-            "Linked transfers: all succeed or none", "TransferGroupCreate", "TransferGroup", 201
+            "Linked transfers: all succeed or none",
+            "TransferGroupCreate",
+            "TransferGroup",
+            201,
+            accepted=_STEP_UP_ACCEPTED,
         )
     },
     "/v1/accounts/{account_id}/statements/{date}": {
@@ -612,6 +656,28 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
             },
             "responses": {
                 "200": _json("ChannelCallback", "The callback was applied, or was a repeat"),
+                "default": _PROBLEM,
+            },
+        }
+    },
+    "/v1/step-ups/{step_up_id}/confirm": {
+        "post": {
+            **_command(
+                "Confirm a step-up with the payer's code: the transfer (or group) runs once",
+                "StepUpConfirm",
+                "Transfer",
+                201,
+                parameters=[_path_id("step_up_id")],
+            ),
+            "responses": {
+                "201": {
+                    "description": "The transfer, or the linked group, that the step-up held",
+                    "content": {
+                        "application/json": {
+                            "schema": {"oneOf": [_ref("Transfer"), _ref("TransferGroup")]}
+                        }
+                    },
+                },
                 "default": _PROBLEM,
             },
         }

@@ -100,6 +100,33 @@ PROBLEM_TYPES: Final = _types(
     ProblemType("biller_exists", 409, "The account is registered as a biller already"),
     ProblemType("biller_account_invalid", 422, "A biller must be a merchant account"),
     ProblemType("bill_reference_invalid", 422, "The reference does not fit the biller's format"),
+    # Risk rules said no. 403 for a frozen account (no request about it will pass until an
+    # operator acts), 422 for limits (this request broke one; a smaller or later one may
+    # pass: `retry_after_s` and Retry-After say when, for a new request with a new key).
+    # Not 429: clients retry a 429 on their own, and with the same key they would only
+    # ever get this stored answer back.
+    ProblemType(ResultCode.ACCOUNT_FROZEN, 403, "The account is frozen"),
+    ProblemType(
+        ResultCode.RISK_TRANSFER_LIMIT, 422, "The amount is above the payer's per-transfer limit"
+    ),
+    ProblemType(
+        ResultCode.RISK_DAILY_OUTFLOW_LIMIT, 422, "The payer's daily outflow limit would be passed"
+    ),
+    ProblemType(
+        ResultCode.RISK_VELOCITY_LIMIT, 422, "The payer made too many transfers this minute"
+    ),
+    ProblemType(
+        ResultCode.STEP_UP_REQUIRED,
+        403,
+        "The payment needs the payer's step-up code, which this product cannot take yet",
+    ),
+    ProblemType(ResultCode.STEP_UP_NOT_FOUND, 404, "No such step-up"),
+    ProblemType(ResultCode.STEP_UP_CODE_INVALID, 422, "The confirmation code is wrong"),
+    ProblemType(
+        ResultCode.STEP_UP_ATTEMPTS_EXCEEDED, 410, "Too many wrong codes: the step-up is dead"
+    ),
+    ProblemType(ResultCode.STEP_UP_EXPIRED, 410, "The step-up expired"),
+    ProblemType(ResultCode.STEP_UP_ALREADY_CONFIRMED, 409, "The step-up was confirmed already"),
     # Try again: the same request may succeed later. Retry with the same key.
     ProblemType("idempotency_key_in_flight", 409, "A request with this key is in progress"),
     ProblemType("overloaded", 503, "Too many requests are waiting; retry shortly"),
@@ -141,6 +168,8 @@ def problem(
     headers = {}
     if code in RETRY_AFTER_S:
         headers["Retry-After"] = str(RETRY_AFTER_S[code])
+    elif isinstance(extensions.get("retry_after_s"), int):
+        headers["Retry-After"] = str(extensions["retry_after_s"])
     return web.Response(
         status=status, body=body, content_type=PROBLEM_CONTENT_TYPE, headers=headers
     )

@@ -20,6 +20,7 @@ from engine import (
     AccountView,
     EntryView,
     Page,
+    StepUpView,
     TransferSpec,
     TransferView,
 )
@@ -31,6 +32,7 @@ from engine.model import (
     METADATA_KEYS_MAX,
     METADATA_VALUE_LENGTH_MAX,
     RESERVED_METADATA_PREFIX,
+    STEP_UP_CODE_DIGITS,
     is_known_currency,
     metadata_error,
 )
@@ -90,6 +92,19 @@ class TransferCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class TransferGroupCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     transfers: Annotated[list[TransferCreate], Meta(min_length=1, max_length=LINKED_TRANSFERS_MAX)]
+
+
+class StepUpConfirm(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    code: Annotated[
+        str,
+        # The lengths too: "$" also matches before a trailing newline.
+        Meta(
+            pattern=f"^[0-9]{{{STEP_UP_CODE_DIGITS}}}$",
+            min_length=STEP_UP_CODE_DIGITS,
+            max_length=STEP_UP_CODE_DIGITS,
+            description="The one-time code sent to the payer",
+        ),
+    ]
 
 
 class TransferPost(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -224,6 +239,18 @@ def transfer_json(transfer: TransferView) -> dict[str, Any]:
         "expires_at": transfer.expires_at,
         "created_at": transfer.created_at,
         "resolved_at": transfer.resolved_at,
+    }
+
+
+def step_up_json(step_up: StepUpView) -> dict[str, Any]:
+    return {
+        "object": "step_up",
+        "id": str(step_up.id),
+        "status": "pending",
+        "account_id": str(step_up.account_id),
+        "expires_at": step_up.expires_at,
+        "attempts_max": step_up.attempts_max,
+        "confirm_url": f"/v1/step-ups/{step_up.id}/confirm",
     }
 
 

@@ -116,8 +116,16 @@ class Step:
         """Apply one ledger command; a failure refuses the whole step."""
         (result,) = await self.move(command)
         if not result.ok:
-            index = result.failed_index
-            extensions = {} if index is None else {"failed_index": index}
+            # A step-up challenge the rules made is rolled back with the step: products
+            # cannot be confirmed by a one-time code yet, so the refusal says so.
+            extensions = {
+                name: value
+                for name, value in (
+                    ("failed_index", result.failed_index),
+                    ("retry_after_s", result.retry_after_s),
+                )
+                if value is not None
+            }
             raise Refusal(result.code, result.detail, **extensions)
         return result
 

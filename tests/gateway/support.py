@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -20,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from engine import Engine
+from engine import Engine, risk_settings
 from engine.engine import utc_now
 from gateway import metrics
 from gateway.app import make_app
@@ -104,6 +105,35 @@ class Api:
         assert reply.status == 200, reply
         balance: dict[str, int] = reply.json["balance"]
         return balance
+
+    async def set_account_rules(self, account_id: str, **limits: int | None) -> None:
+        """Risk overrides of one account, as `txengine risk set --account` sets them."""
+        async with self.engine.pool.acquire() as conn:
+            assert await risk_settings.set_account_rules(conn, int(account_id), limits)
+
+    async def freeze(self, account_id: str, *, frozen: bool = True) -> None:
+        async with self.engine.pool.acquire() as conn:
+            assert await risk_settings.set_frozen(conn, int(account_id), frozen=frozen)
+
+    async def step_up_code(self, step_up_id: str) -> str:
+        """The code the payer got by (simulated) SMS, read from the outbox."""
+        async with self.engine.pool.acquire() as conn:
+            message = await conn.fetchval(
+                "SELECT message FROM step_up_outbox WHERE challenge_id = $1", int(step_up_id)
+            )
+        assert message is not None, step_up_id
+        match = re.search(r"code is ([0-9]{6})\.", message)
+        assert match is not None, message
+        return match[1]
+
+    async def refusals(self, account_id: str | None = None) -> list[dict[str, Any]]:
+        async with self.engine.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT account_id, code, reason, amount_minor, scope, idempotency_key
+                   FROM risk_refusals WHERE $1::bigint IS NULL OR account_id = $1 ORDER BY id""",
+                None if account_id is None else int(account_id),
+            )
+        return [dict(row) for row in rows]
 
     async def counts(self) -> dict[str, int]:
         async with self.engine.pool.acquire() as conn:

@@ -635,6 +635,19 @@ async def test_real_responses_match_the_document(api: Api, world: World) -> None
     await check(
         "GET", "/v1/accounts/{account_id}/entries", f"/v1/accounts/{world.user}/entries?limit=2"
     )
+    await api.set_account_rules(world.user, step_up_threshold_minor=150)
+    step_up = await check(
+        "POST", "/v1/transfers", "/v1/transfers", world.transfer(amount_minor=151)
+    )
+    assert step_up.status == 202, step_up
+    code = await api.step_up_code(step_up.json["id"])
+    confirmed = await check(
+        "POST",
+        "/v1/step-ups/{step_up_id}/confirm",
+        f"/v1/step-ups/{step_up.json['id']}/confirm",
+        {"code": code},
+    )
+    assert confirmed.status == 201, confirmed
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         await check("GET", path, path)
     await check("GET", "/problems/{code}", "/problems/insufficient_funds")

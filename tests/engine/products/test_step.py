@@ -15,6 +15,7 @@ from engine import (
     Idempotency,
     ResultCode,
     TransferSpec,
+    risk_settings,
 )
 from engine.products import Refusal, Step, run_step
 
@@ -134,3 +135,29 @@ async def test_someone_elses_account_is_not_found(engine: Engine) -> None:
 
     outcome = await run_step(engine, read, answer_type=Moved, scope="p1", idempotency=None)
     assert outcome.refusal is not None and outcome.refusal.code == "account_not_found"
+
+
+async def test_risk_rules_hold_inside_a_step_and_a_step_up_refuses_cleanly(engine: Engine) -> None:
+    user = await _open(engine, AccountKind.USER)
+    merchant = await _open(engine, AccountKind.MERCHANT)
+    first = await run_step(engine, _pay(user), answer_type=Moved, scope="p1", idempotency=None)
+    assert first.value is not None  # the user holds 500
+
+    async def spend(s: Step) -> Moved:
+        spec = TransferSpec(
+            debit_account_id=user, credit_account_id=merchant, amount_minor=300, currency="CNY"
+        )
+        result = await s.move_or_refuse(CreateTransfers(transfers=(spec,), scope=s.scope))
+        return Moved(transfer_id=result.transfers[0].id, event_id=0)
+
+    async with engine.pool.acquire() as conn:
+        assert await risk_settings.set_account_rules(conn, user, {"step_up_threshold_minor": 200})
+    refused = await run_step(engine, spend, answer_type=Moved, scope="p1", idempotency=None)
+    assert refused.refusal is not None and refused.refusal.code == "step_up_required"
+    async with engine.pool.acquire() as conn:
+        challenges = await conn.fetchval("SELECT count(*) FROM step_up_challenges")
+        assert challenges == 0  # rolled back with the step: no code sent for it
+        await risk_settings.set_frozen(conn, user, frozen=True)
+    frozen = await run_step(engine, spend, answer_type=Moved, scope="p1", idempotency=None)
+    assert frozen.refusal is not None and frozen.refusal.code == ResultCode.ACCOUNT_FROZEN
+    assert (await engine.account(user, scope="p1")).posted_minor == 500  # type: ignore[union-attr]
