@@ -13,9 +13,9 @@ from typing import Final
 
 from aiohttp import web
 
-from engine import Engine
+from engine import Engine, RetryableError
 from gateway import metrics
-from gateway.commands import ENGINE, REQUEST_ID
+from gateway.commands import ENGINE, REQUEST_ID, problem_code_of
 from gateway.problems import ProblemError, problem
 from gateway.routes import ROUTES
 from gateway.settings import Settings
@@ -50,6 +50,10 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
         return await handler(request)
     except ProblemError as error:
         return problem(error.code, detail=error.detail, instance=request.path, **error.extensions)
+    except RetryableError as error:
+        # A read whose database connection broke (PostgreSQL restarting, a network cut):
+        # the same 503 problem a write gets, so clients retry instead of seeing a 500.
+        return problem(problem_code_of(error), detail=str(error), instance=request.path)
     except web.HTTPException as error:
         code = _HTTP_PROBLEMS.get(error.status)
         if code is None:

@@ -16,6 +16,7 @@ from typing import Any, Final
 import jsonschema
 import pytest
 
+from engine import Unavailable
 from gateway.problems import PROBLEM_TYPES
 from tests.gateway.support import (
     BODY_SIZE_MAX,
@@ -642,3 +643,32 @@ async def test_real_responses_match_the_document(api: Api, world: World) -> None
         reply = await api.call(method, path, body)
         assert reply.status >= 400
         validate_response(method, template, reply)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("account", "/v1/accounts/{account}"),
+        ("entries", "/v1/accounts/{account}/entries"),
+        ("transfer", "/v1/transfers/{transfer}"),
+    ],
+)
+async def test_reads_answer_503_when_the_database_connection_breaks(
+    api: Api, world: World, monkeypatch: pytest.MonkeyPatch, method: str, path: str
+) -> None:
+    """Found by the fault suite: a read whose pooled connection died with PostgreSQL
+    answered 500; it must answer the `unavailable` problem that says "retry"."""
+    transfer = (await api.move(world.bank, world.user, 5)).json["id"]
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise Unavailable("08003: connection was closed in the middle of operation")
+
+    monkeypatch.setattr(api.engine, method, broken)
+    reply = await api.get(path.format(account=world.user, transfer=transfer))
+    assert_problem(reply, 503, "unavailable")
+    assert reply.headers["Retry-After"] == "2"
+    validate_response(
+        "GET",
+        path.replace("{account}", "{account_id}").replace("{transfer}", "{transfer_id}"),
+        reply,
+    )
