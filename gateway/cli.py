@@ -47,6 +47,7 @@ _log = logging.getLogger("txengine.cli")
 WORKER_RESTARTS_PER_MINUTE_MAX: Final = 10
 DATABASE_WAIT_S_MAX: Final = 60.0
 POSTGRES_CHECK_INTERVAL_S: Final = 0.5  # how often serve looks whether its PostgreSQL lives
+ORPHAN_CHECK_INTERVAL_S: Final = 0.5  # how often a worker looks whether its supervisor lives
 _WORKER_ENV: Final = "TXENGINE_WORKER_INDEX"
 # Loop turns from accepting a connection to its request loop waiting for a request.
 _ACCEPTED_SETTLE_LOOP_TURNS: Final = 3
@@ -152,8 +153,13 @@ async def run_worker(dsn: str, settings: Settings, *, reuse_port: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A supervised worker outliving its supervisor (kill -9 of serve alone) would go on
+    # serving the port beside the workers of the next serve, unsupervised: it stops too.
+    orphan_watch = asyncio.create_task(_stop_when_orphaned(stop)) if reuse_port else None
     _log.info("listening", extra={"host": settings.host, "port": settings.port})
     await stop.wait()
+    if orphan_watch is not None:
+        orphan_watch.cancel()
     _log.info("shutting down: finishing requests in flight")
     await sweeper.stop()
     # Stop accepting, then let connections accepted just before start reading before the
@@ -166,6 +172,18 @@ async def run_worker(dsn: str, settings: Settings, *, reuse_port: bool) -> None:
     await runner.cleanup()  # close idle connections, wait for handlers in flight, cleanups
     await engine.close()  # every batch already queued is committed and answered
     _log.info("stopped")
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    # Polled: the alternative, prctl(PR_SET_PDEATHSIG) in Popen's preexec_fn, is unsafe in
+    # a process with threads, and serve runs one (the PostgreSQL watchdog).
+    supervisor = os.getppid()
+    while True:
+        await asyncio.sleep(ORPHAN_CHECK_INTERVAL_S)
+        if os.getppid() != supervisor:
+            break
+    _log.warning("the supervisor is gone; shutting down")
+    stop.set()
 
 
 def _spawn_worker(index: int, dsn: str, settings: Settings) -> subprocess.Popen[bytes]:
