@@ -5,7 +5,9 @@ the postmaster, and the server is ready again by itself, with nothing acknowledg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,8 +50,14 @@ def start_serve(data_dir: Path, port: int, log_path: Path) -> subprocess.Popen[b
     env |= {"TXENGINE_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--workers", "2"]
     with log_path.open("wb") as log:
+        # A session of its own, so that whatever is left of it can be killed as a group.
         return subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -88,7 +96,7 @@ async def test_serve_restarts_its_embedded_postgres(tmp_path: Path) -> None:
         assert await exit_code(server) == 0
         assert not postgres.is_running()  # stopped with the server, not restarted again
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(server.pid, signal.SIGKILL)  # the supervisor and any worker left
+        server.wait()
         postgres.stop(mode="immediate")
