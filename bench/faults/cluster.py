@@ -49,6 +49,7 @@ class Cluster:
         self.proxy: SlowProxy | None = None
         self._server_env = server_env or {}
         self._server: subprocess.Popen[bytes] | None = None
+        self._groups: set[int] = set()  # every server's process group, for the cleanup
         self.log_path = workdir / "server.log"
 
     @property
@@ -84,6 +85,7 @@ class Cluster:
         with contextlib.suppress(TimeoutError):
             await self.stop_server()
         self.kill_server()
+        self._kill_every_group()
         if self.proxy is not None:
             await self.proxy.close()
         await asyncio.to_thread(self.postgres.stop, mode="immediate")
@@ -115,6 +117,7 @@ class Cluster:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        self._groups.add(self._server.pid)
 
     @property
     def server_pid(self) -> int | None:
@@ -140,6 +143,19 @@ class Cluster:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._server.pid, signal.SIGKILL)
         self._server.wait()
+
+    def kill_supervisor(self) -> None:
+        """SIGKILL the supervisor alone; its workers are left to notice."""
+        if self._server is None:
+            return
+        self._server.kill()
+        self._server.wait()
+
+    def _kill_every_group(self) -> None:
+        """Whatever is left of any server started (orphaned workers included)."""
+        for group in self._groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
 
     async def stop_server(self, timeout_s: float = SERVER_EXIT_TIMEOUT_S) -> int | None:
         """SIGTERM, and the exit code once it has exited."""

@@ -3,6 +3,8 @@ printed as they happen, each healed before the next:
 
 * kill_worker: SIGKILL one gateway worker; the supervisor must start another.
 * kill_server: SIGKILL the supervisor and its workers at once, then start it again.
+* kill_supervisor: SIGKILL the supervisor alone, then start it again; its orphaned
+  workers must notice, finish what they hold and exit, beside the new ones.
 * kill_postgres: SIGKILL the postmaster, keep it down a while, start it again on the
   same data directory. Meanwhile /readyz must answer a clear 503 `unavailable` problem
   (never hang); afterwards the gateway must become ready again by itself.
@@ -31,6 +33,7 @@ from bench.faults.workload import Workload
 FAULT_KINDS: Final = (
     "kill_worker",
     "kill_server",
+    "kill_supervisor",
     "kill_postgres",
     "drop_clients",
     "slow_db",
@@ -152,6 +155,14 @@ class Nemesis:
         await asyncio.sleep(down_s)
         self._cluster.start_server()
         fault.detail = f"SIGKILL supervisor {pid} and its workers, down {down_s:.1f} s"
+
+    async def _kill_supervisor(self, fault: Fault) -> None:
+        down_s = self._rng.uniform(*self._config.server_down_s)
+        pid = self._cluster.server_pid
+        self._cluster.kill_supervisor()
+        await asyncio.sleep(down_s)
+        self._cluster.start_server()
+        fault.detail = f"SIGKILL supervisor {pid} alone, down {down_s:.1f} s"
 
     async def _kill_postgres(self, fault: Fault) -> None:
         down_s = self._rng.uniform(*self._config.postgres_down_s)
