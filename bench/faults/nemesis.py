@@ -42,6 +42,7 @@ FAULT_KINDS: Final = (
 )
 RECOVERY_TIMEOUT_S: Final = 60.0  # after a fault is healed, the gateway is ready within
 READY_PROBE_INTERVAL_S: Final = 0.5
+BACKENDS_EXIT_S: Final = 0.3
 # A probe must be answered within this: READY_TIMEOUT_S (2 s) inside the gateway and some.
 READY_ANSWER_S_MAX: Final = READY_PROBE_TIMEOUT_S
 
@@ -168,6 +169,9 @@ class Nemesis:
         down_s = self._rng.uniform(*self._config.postgres_down_s)
         pid = self._cluster.postgres.pid
         await self._cluster.kill_postgres()
+        # Orphaned backends exit as soon as they see the postmaster gone; until then one
+        # could still answer a probe, which says nothing about the gateway.
+        await asyncio.sleep(BACKENDS_EXIT_S)
         deadline = time.monotonic() + down_s
         while time.monotonic() < deadline:
             await self._probe_readiness()

@@ -120,6 +120,16 @@ async def setup_accounts(
     return ids, funding_keys
 
 
+async def _drain(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for tasks that stop by themselves once the run has ended."""
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=CLIENTS_FINISH_S_MAX)
+    for task in done:
+        task.result()  # a harness bug must not pass silently
+    assert not pending, f"{len(pending)} tasks still busy {CLIENTS_FINISH_S_MAX} s after the end"
+
+
 async def run(config: RunConfig, *, log: Callable[[str], None] = print) -> Report:
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="txengine-faults-"))
     cluster = Cluster(workdir=workdir, workers=config.workers, server_env=config.server_env)
@@ -186,12 +196,8 @@ async def _run_started(
     workload.deadline = time.monotonic()  # what is not answered by now stays unknown
     stop.set()
     await faults  # heals the fault in progress
-    done, pending = await asyncio.wait(
-        [*clients, *workload.resolvers, snapshots], timeout=CLIENTS_FINISH_S_MAX
-    )
-    for task in done:
-        task.result()  # a harness bug must not pass silently
-    assert not pending, f"{len(pending)} clients still busy {CLIENTS_FINISH_S_MAX} s after the end"
+    await _drain([*clients, snapshots])
+    await _drain(list(workload.resolvers))  # after the clients: no client starts one now
     ready_at_end = await cluster.wait_ready(client, timeout_s=RECOVERY_TIMEOUT_S) is not None
     for op in history.ops.values():
         if op.outcome is Outcome.PENDING:

@@ -120,8 +120,8 @@ async def hold(workload: Workload, rng: random.Random, key: str) -> None:
     if op.outcome is not Outcome.OK:
         return
     fate = rng.choice(("post", "post_part", "void", "expire"))
-    if fate == "expire":
-        return
+    if fate == "expire" or workload.stop.is_set():
+        return  # after the run's end nothing new starts
     # Resolved by a task of its own, so the client goes on; sometimes after the timeout,
     # where the hold belongs to the sweeper and the request must be refused.
     delay_s = rng.uniform(0, timeout_s * 1.2)

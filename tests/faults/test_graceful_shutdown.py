@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Final
 
 import pytest
@@ -26,6 +28,18 @@ REQUESTS: Final = 40
 DELAY_S: Final = 0.15  # per chunk between gateway and PostgreSQL
 EXIT_TIMEOUT_S: Final = 40.0
 IN_FLIGHT_WAIT_S_MAX: Final = 30.0
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Without the sweeper, nothing but the requests of the test reaches the database,
+    so traffic through the proxy shows that a batch of them is in flight."""
+    started = Cluster(workdir=tmp_path / "cluster", workers=2, server_env={"TXENGINE_SWEEPER": "0"})
+    try:
+        await started.start()
+        yield started
+    finally:
+        await started.close()
 
 
 async def timed(client: Client, key: str, body: dict[str, object]) -> tuple[Answer, float]:
