@@ -93,4 +93,10 @@ def translate_database_error(error: BaseException) -> EngineError:
         | asyncpg.exceptions.ConnectionDoesNotExistError,
     ):
         return Unavailable(f"database unreachable: {error!r}")
+    if isinstance(error, asyncpg.InternalClientError):
+        # The connection's protocol state is broken: seen when PostgreSQL dies and an idle
+        # connection receives the server's last FATAL message before the socket closes,
+        # then the next statement finds "another operation in progress". Nothing of that
+        # statement was sent; a new connection is the cure, as for a lost one.
+        return Unavailable(f"database connection broken: {error!r}")
     return InternalError(f"unexpected error: {error!r}")

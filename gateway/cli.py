@@ -1,9 +1,10 @@
 """`txengine`: serve, migrate, reconcile, risk, webhooks secret create|rotate.
 
-`serve` starts the embedded PostgreSQL when TXENGINE_DATABASE_URL is not set, applies or
-checks migrations, then runs the gateway in one process or in several processes that
-share the port with SO_REUSEPORT, restarting any that dies. On SIGTERM or SIGINT each
-worker stops taking requests, finishes and answers the batches in flight, then exits.
+`serve` starts the embedded PostgreSQL when TXENGINE_DATABASE_URL is not set (and starts
+it again on the same data directory if it dies), applies or checks migrations, then runs
+the gateway in one process or in several processes that share the port with
+SO_REUSEPORT, restarting any that dies. On SIGTERM or SIGINT each worker stops taking
+requests, finishes and answers the batches in flight, then exits.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Final
@@ -27,7 +29,13 @@ import uvloop
 from aiohttp import web
 
 from engine import AccountKind, ClientError, Engine, EngineError, risk_settings
-from engine.database import EmbeddedPostgres, SchemaNotCurrent, check_schema, migrate
+from engine.database import (
+    EmbeddedPostgres,
+    PostgresStartError,
+    SchemaNotCurrent,
+    check_schema,
+    migrate,
+)
 from engine.engine import utc_now
 from engine.ids import NODE_COUNT_MAX, IdGenerator
 from engine.products import webhooks
@@ -42,14 +50,20 @@ _log = logging.getLogger("txengine.cli")
 
 WORKER_RESTARTS_PER_MINUTE_MAX: Final = 10
 DATABASE_WAIT_S_MAX: Final = 60.0
+POSTGRES_CHECK_INTERVAL_S: Final = 0.5  # how often serve looks whether its PostgreSQL lives
+ORPHAN_CHECK_INTERVAL_S: Final = 0.5  # how often a worker looks whether its supervisor lives
 _WORKER_ENV: Final = "TXENGINE_WORKER_INDEX"
 # Loop turns from accepting a connection to its request loop waiting for a request.
 _ACCEPTED_SETTLE_LOOP_TURNS: Final = 3
 
 
 @contextlib.contextmanager
-def database(settings: Settings) -> Iterator[str]:
-    """The DSN to use: TXENGINE_DATABASE_URL, or an embedded server run for the duration."""
+def database(settings: Settings, *, watch: bool = False) -> Iterator[str]:
+    """The DSN to use: TXENGINE_DATABASE_URL, or an embedded server run for the duration.
+
+    With `watch`, an embedded server that dies is started again on its data directory
+    (and its port, which it remembers), so the gateways reconnect by themselves.
+    """
     if settings.database_url is not None:
         yield settings.database_url
         return
@@ -57,11 +71,45 @@ def database(settings: Settings) -> Iterator[str]:
     server = EmbeddedPostgres(data_dir=settings.data_dir / "pg")
     dsn = server.start()
     _log.info("embedded postgresql started", extra={"dsn": dsn, "pid": server.pid})
+    watchdog = PostgresWatchdog(server, dsn=dsn) if watch else None
     try:
         yield dsn
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         server.stop()
         _log.info("embedded postgresql stopped")
+
+
+class PostgresWatchdog:
+    """A thread that restarts the embedded PostgreSQL when it dies (a crash, the OOM
+    killer, a kill -9), on the same data directory; crash recovery runs as it starts."""
+
+    def __init__(self, server: EmbeddedPostgres, *, dsn: str) -> None:
+        self._server = server
+        self._dsn = dsn
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="postgres-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(POSTGRES_CHECK_INTERVAL_S):
+            if self._server.is_running():
+                continue
+            _log.warning("embedded postgresql died; starting it again")
+            try:
+                dsn = self._server.start()
+            except (PostgresStartError, OSError, subprocess.SubprocessError) as error:
+                _log.error("embedded postgresql did not start; retrying: %s", error)
+                continue
+            if dsn != self._dsn:
+                # Its port was taken meanwhile: the workers still dial the old one.
+                _log.error("embedded postgresql came back on another address; restart txengine")
+            _log.info("embedded postgresql started", extra={"dsn": dsn, "pid": self._server.pid})
 
 
 async def prepare_schema(dsn: str, *, auto_migrate: bool) -> None:
@@ -112,8 +160,13 @@ async def run_worker(dsn: str, settings: Settings, *, reuse_port: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A supervised worker outliving its supervisor (kill -9 of serve alone) would go on
+    # serving the port beside the workers of the next serve, unsupervised: it stops too.
+    orphan_watch = asyncio.create_task(_stop_when_orphaned(stop)) if reuse_port else None
     _log.info("listening", extra={"host": settings.host, "port": settings.port})
     await stop.wait()
+    if orphan_watch is not None:
+        orphan_watch.cancel()
     _log.info("shutting down: finishing requests in flight")
     await sweeper.stop()
     await dispatcher.stop()  # a send cut short is sent again after its lease
@@ -127,6 +180,18 @@ async def run_worker(dsn: str, settings: Settings, *, reuse_port: bool) -> None:
     await runner.cleanup()  # close idle connections, wait for handlers in flight, cleanups
     await engine.close()  # every batch already queued is committed and answered
     _log.info("stopped")
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    # Polled: the alternative, prctl(PR_SET_PDEATHSIG) in Popen's preexec_fn, is unsafe in
+    # a process with threads, and serve runs one (the PostgreSQL watchdog).
+    supervisor = os.getppid()
+    while True:
+        await asyncio.sleep(ORPHAN_CHECK_INTERVAL_S)
+        if os.getppid() != supervisor:
+            break
+    _log.warning("the supervisor is gone; shutting down")
+    stop.set()
 
 
 def _spawn_worker(index: int, dsn: str, settings: Settings) -> subprocess.Popen[bytes]:
@@ -179,7 +244,7 @@ def supervise(dsn: str, settings: Settings) -> int:
 
 
 def serve(settings: Settings) -> int:
-    with database(settings) as dsn:
+    with database(settings, watch=True) as dsn:
         uvloop.run(prepare_schema(dsn, auto_migrate=settings.auto_migrate))
         if settings.workers == 1:
             uvloop.run(run_worker(dsn, settings, reuse_port=False))

@@ -12,7 +12,9 @@ import hashlib
 import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import asyncpg
 import pytest
 
 from engine import (
@@ -37,6 +39,7 @@ from engine import (
     TransferSpec,
     TransferStatus,
     VoidPending,
+    store,
 )
 from engine.reconcile import reconcile
 from engine.sweeper import expire_holds_once, reap_keys_once
@@ -768,3 +771,30 @@ async def test_malformed_command_is_refused_before_it_joins_a_batch(
     # The lanes are unharmed: the next well-formed command goes through.
     result = await engine.submit(CreateAccount(currency="CNY", kind=AccountKind.USER))
     assert result.ok
+
+
+async def test_a_connection_in_a_broken_protocol_state_is_replaced(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fault suite: when PostgreSQL dies, an idle lane connection can take
+    the server's last FATAL message before its socket closes, and its next statement
+    fails with asyncpg's InternalClientError ("another operation is in progress"). That
+    is a broken connection, not a bug: the lane must retry the batch on a new one."""
+    _bank, user, merchant = await funded_pair(engine, 1_000)
+    real_apply = store.apply_items
+    failures = []
+
+    async def apply_once_broken(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append(conn)
+            raise asyncpg.InternalClientError(
+                "cannot switch to state 12; another operation (2) is in progress"
+            )
+        assert conn is not failures[0], "the broken connection was used again"
+        return await real_apply(conn, *args, **kwargs)
+
+    monkeypatch.setattr(store, "apply_items", apply_once_broken)
+    result = await move(engine, user, merchant, 300)
+    assert result.ok and failures
+    assert (await account(engine, merchant)).posted_minor == 300
+    await assert_reconciles(engine)

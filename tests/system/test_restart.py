@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -52,6 +53,7 @@ CLIENTS_STOP_TIMEOUT_S = 30.0
 GRACEFUL_EXIT_S_MAX = 5.0
 WORKER_REPLACED_S_MAX = 20.0
 RETRY_CONCURRENCY = 20
+ORPHANS_EXIT_S_MAX = 20.0
 
 
 @dataclasses.dataclass
@@ -287,3 +289,25 @@ async def test_sigkill_of_a_worker_mid_load_is_replaced(
     assert server.returncode() is None, "the supervisor exited"
 
     await retry_every_key_and_check(server, load, dsn)
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(start_server: StartServer) -> None:
+    """kill -9 of serve alone: its workers must not go on serving the port unsupervised
+    (beside the workers of the next serve); they notice and shut down gracefully."""
+    server = await start_server(workers=2)
+    workers = child_pids(server.pid)
+    assert len(workers) == 2, workers
+    await server.kill()  # the supervisor only, not its process group
+
+    deadline = time.monotonic() + ORPHANS_EXIT_S_MAX
+    while alive := {pid for pid in workers if _is_running(pid)}:
+        assert time.monotonic() < deadline, f"workers {alive} outlived their supervisor"
+        await asyncio.sleep(0.1)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
