@@ -1,4 +1,4 @@
-"""`txengine`: serve, migrate, reconcile, risk, webhooks secret create|rotate.
+"""`txengine`: serve, migrate, reconcile, risk, fees, webhooks secret create|rotate.
 
 `serve` starts the embedded PostgreSQL when TXENGINE_DATABASE_URL is not set (and starts
 it again on the same data directory if it dies), applies or checks migrations, then runs
@@ -38,7 +38,7 @@ from engine.database import (
 )
 from engine.engine import utc_now
 from engine.ids import NODE_COUNT_MAX, IdGenerator
-from engine.products import webhooks
+from engine.products import fees, webhooks
 from engine.products.dispatcher import Dispatcher
 from engine.reconcile import reconcile, totals
 from engine.sweeper import Sweeper
@@ -326,6 +326,39 @@ def _webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
 
 
+async def _fees(dsn: str, args: argparse.Namespace) -> int:
+    """Set or show a merchant's fee rate (engine/products/fees.py has the rounding rule)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await check_schema(conn)
+        kind = await conn.fetchval("SELECT kind FROM accounts WHERE id = $1", args.account)
+        if kind != AccountKind.MERCHANT:
+            print(f"txengine: account {args.account} is not a merchant account", file=sys.stderr)
+            return 2
+        if args.fees_command == "set":
+            await fees.set_rate_bp(conn, args.account, args.rate_bp, now=utc_now())
+        rate = await fees.rate_bp(conn, args.account)
+    finally:
+        await conn.close()
+    print(f"account {args.account}: fee rate {rate} bp ({rate / 100:g} %)")
+    return 0
+
+
+def _add_fees_parser(commands: Any) -> None:
+    parser = commands.add_parser("fees", help="merchant fee rates, in basis points")
+    actions = parser.add_subparsers(dest="fees_command", required=True)
+    setter = actions.add_parser("set", help="set a merchant's rate (later settlements use it)")
+    setter.add_argument("account", type=int)
+    setter.add_argument("rate_bp", type=_rate_bp, help=f"0 to {fees.RATE_BP_MAX} (60 = 0.6 %%)")
+    actions.add_parser("show", help="print a merchant's rate").add_argument("account", type=int)
+
+
+def _rate_bp(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > fees.RATE_BP_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate from 0 to {fees.RATE_BP_MAX}")
+    return int(text)
+
+
 async def _risk(dsn: str, args: argparse.Namespace) -> int:
     conn = await asyncpg.connect(dsn)
     try:
@@ -420,6 +453,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("reconcile", help="check every ledger invariant; exit 1 on a failure")
     _webhooks_parser(commands)
     _add_risk_parser(commands)
+    _add_fees_parser(commands)
     return parser
 
 
@@ -441,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         with database(settings) as dsn:
             if args.command == "webhooks":
                 return uvloop.run(_webhook_secret(dsn, args))
+            if args.command == "fees":
+                return uvloop.run(_fees(dsn, args))
             if args.command == "risk":
                 return uvloop.run(_risk(dsn, args))
             run = _migrate if args.command == "migrate" else _reconcile

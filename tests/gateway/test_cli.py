@@ -1,4 +1,4 @@
-"""`txengine risk ...`: the operator's commands, against a real database."""
+"""`txengine risk ...` and `txengine fees ...`: the operator's commands, against a real database."""
 
 from __future__ import annotations
 
@@ -72,5 +72,30 @@ async def test_risk_commands_set_kind_defaults_account_overrides_and_freezing(
         assert await run(dsn, monkeypatch, "set", "--kind", "merchant") == 2
         assert await conn.fetchval("SELECT count(*) FROM risk_kind_rules") == 1
         assert await conn.fetchval("SELECT risk_max_per_transfer_minor FROM accounts") is None
+    finally:
+        await conn.close()
+
+
+async def test_fees_commands_set_and_show_a_merchants_rate(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TXENGINE_DATABASE_URL", dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            """INSERT INTO accounts (id, currency, kind, overdraft_allowed, scope, created_at)
+               VALUES (7, 'CNY', 'merchant', false, 'public', now()),
+                      (8, 'CNY', 'user', false, 'public', now())"""
+        )
+        assert await asyncio.to_thread(cli.main, ["fees", "set", "7", "60"]) == 0
+        assert "fee rate 60 bp (0.6 %)" in capsys.readouterr().out
+        assert await conn.fetchval("SELECT rate_bp FROM merchant_fees WHERE account_id = 7") == 60
+        assert await asyncio.to_thread(cli.main, ["fees", "show", "7"]) == 0
+        assert "60 bp" in capsys.readouterr().out
+        # A user account has no fee; a rate past 100 % is refused before anything is written.
+        assert await asyncio.to_thread(cli.main, ["fees", "set", "8", "60"]) == 2
+        with pytest.raises(SystemExit):
+            cli.main(["fees", "set", "7", "10001"])
+        assert await conn.fetchval("SELECT count(*) FROM merchant_fees") == 1
     finally:
         await conn.close()
