@@ -18,7 +18,7 @@ from typing import Final
 
 import asyncpg
 
-from engine import store
+from engine import nonces, store
 from engine.engine import Engine
 from engine.errors import EngineError, translate_database_error
 from engine.model import VoidPending
@@ -32,6 +32,7 @@ _LEADER_LOCK_KEY: Final = 0x7478_5357  # "txSW": one sweeper across all processe
 class SweeperConfig:
     holds_batch_size_max: int = 500  # expired holds voided per run
     keys_batch_size_max: int = 5_000  # idempotency keys deleted per run
+    nonces_batch_size_max: int = 5_000  # request nonces past their window deleted per run
     interval_s: float = 1.0  # pause after a run that found less than a full batch
     error_backoff_s: float = 5.0  # pause after a run that failed (database away)
 
@@ -59,6 +60,13 @@ async def reap_keys_once(engine: Engine, *, limit: int) -> int:
         return await store.reap_idempotency_keys(conn, created_before=cutoff, limit=limit)
 
 
+async def reap_nonces_once(engine: Engine, *, limit: int) -> int:
+    """Delete up to `limit` request nonces past their replay window; return how many."""
+    cutoff = engine.clock() - timedelta(seconds=nonces.RETENTION_S)
+    async with engine.pool.acquire() as conn:
+        return await nonces.reap(conn, seen_before=cutoff, limit=limit)
+
+
 class Sweeper:
     def __init__(self, engine: Engine, *, config: SweeperConfig | None = None) -> None:
         self._engine = engine
@@ -81,9 +89,21 @@ class Sweeper:
         config = self._config
         expired = await expire_holds_once(self._engine, limit=config.holds_batch_size_max)
         reaped = await reap_keys_once(self._engine, limit=config.keys_batch_size_max)
-        if expired or reaped:
-            _log.info("swept", extra={"holds_expired": expired, "keys_reaped": reaped})
-        return expired >= config.holds_batch_size_max or reaped >= config.keys_batch_size_max
+        nonces_reaped = await reap_nonces_once(self._engine, limit=config.nonces_batch_size_max)
+        if expired or reaped or nonces_reaped:
+            _log.info(
+                "swept",
+                extra={
+                    "holds_expired": expired,
+                    "keys_reaped": reaped,
+                    "nonces_reaped": nonces_reaped,
+                },
+            )
+        return (
+            expired >= config.holds_batch_size_max
+            or reaped >= config.keys_batch_size_max
+            or nonces_reaped >= config.nonces_batch_size_max
+        )
 
     async def _run(self) -> None:
         while True:

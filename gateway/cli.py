@@ -31,7 +31,7 @@ from engine.database import EmbeddedPostgres, SchemaNotCurrent, check_schema, mi
 from engine.reconcile import reconcile, totals
 from engine.sweeper import Sweeper
 from gateway import logs, metrics
-from gateway.app import make_app
+from gateway.app import make_app, runner_options
 from gateway.settings import Settings, from_env
 
 _log = logging.getLogger("txengine.cli")
@@ -94,6 +94,7 @@ async def run_worker(dsn: str, settings: Settings, *, reuse_port: bool) -> None:
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.shutdown_timeout_s,
+        keepalive_timeout=runner_options(settings)["keepalive_timeout"],
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=2048)
