@@ -47,6 +47,7 @@ ROTATION_OVERLAP_S_MAX: Final = 30 * 24 * 3600
 LIVE_CREDENTIALS_MAX: Final = 3
 SECRET_KEY_FILE: Final = "secret.key"
 LEASE_CHUNK_MAX: Final = 100_000
+SECRET_LENGTH_MIN: Final = 32
 
 
 class PartnerStatus(enum.StrEnum):
@@ -155,12 +156,20 @@ async def create(
     public_key_pem: str | None = None,
     rate_per_s: int = RATE_PER_S_DEFAULT,
     burst: int = BURST_DEFAULT,
+    secret: str | None = None,
 ) -> str | None:
     """Create a partner; return its HMAC secret (shown once), or None for an RSA2 partner
-    (`public_key_pem` given). PartnerError if the id is taken or a value is invalid."""
+    (`public_key_pem` given). `secret` imports one issued elsewhere (at least
+    SECRET_LENGTH_MIN characters); by default a new random one is made. PartnerError if
+    the id is taken or a value is invalid."""
     _check_limits(rate_per_s, burst)
     algorithm = RSA2 if public_key_pem is not None else HMAC_SHA256
-    secret = None if public_key_pem is not None else new_secret()
+    if public_key_pem is not None:
+        secret = None
+    elif secret is None:
+        secret = new_secret()
+    elif len(secret) < SECRET_LENGTH_MIN:
+        raise PartnerError(f"a secret needs at least {SECRET_LENGTH_MIN} characters")
     async with conn.transaction():
         try:
             await conn.execute(
