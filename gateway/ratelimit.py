@@ -26,8 +26,9 @@ from engine.partners import Lease
 
 LEASE_CHUNK_MAX: Final = 1_000
 LEASE_TTL_S: Final = 1.0
-# A request tries at most this many leases (another waiter may spend a fresh chunk first).
-LEASE_ATTEMPTS_MAX: Final = 2
+# A request waits for at most this many leases: each either brings tokens (which other
+# waiters may take first) or finds the bucket empty, which ends every wait.
+LEASE_ATTEMPTS_MAX: Final = 8
 
 Leaser = Callable[[int], Awaitable[Lease]]
 
@@ -46,6 +47,7 @@ class RateBudget:
         self._leased_at = -math.inf
         self._denied_until = -math.inf
         self._leasing: asyncio.Future[None] | None = None
+        self._waiting = 0
 
     async def take(self, *, rate_per_s: int) -> float | None:
         """None if the request may go ahead; else the seconds until a token is due."""
@@ -57,8 +59,14 @@ class RateBudget:
             if now < self._denied_until:
                 return self._denied_until - now
             if self._leasing is None:
-                self._leasing = asyncio.ensure_future(self._refill(chunk_for(rate_per_s)))
-            await asyncio.shield(self._leasing)
+                # Enough for every request already waiting, so a burst needs one lease.
+                want = min(max(chunk_for(rate_per_s), self._waiting + 1), LEASE_CHUNK_MAX)
+                self._leasing = asyncio.ensure_future(self._refill(want))
+            self._waiting += 1
+            try:
+                await asyncio.shield(self._leasing)
+            finally:
+                self._waiting -= 1
         return max(1.0 / rate_per_s, self._denied_until - self._clock())
 
     async def _refill(self, chunk: int) -> None:

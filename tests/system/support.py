@@ -50,7 +50,7 @@ SYSTEM_RATE_PER_S = 1_000_000
 
 def signed_session(**options: Any) -> aiohttp.ClientSession:
     """An aiohttp session whose every request is signed as the system-test partner."""
-    return signed_session(middlewares=(aiohttp_middleware(SIGNER),), **options)
+    return aiohttp.ClientSession(middlewares=(aiohttp_middleware(SIGNER),), **options)
 
 
 async def ensure_partner(dsn: str) -> None:
