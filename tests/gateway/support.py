@@ -188,7 +188,11 @@ async def serving(dsn: str, **settings_changes: Any) -> AsyncIterator[Api]:
         secret_key=TEST_SECRET_KEY,
         **settings_changes,
     )
-    client = TestClient(TestServer(make_app(engine, settings), **runner_options(settings)))
+    server = TestServer(make_app(engine, settings))
+    # TestServer passes server options on from start_server only; TestClient's own
+    # start_server then finds it started.
+    await server.start_server(**runner_options(settings))
+    client = TestClient(server)
     await client.start_server()
     try:
         yield Api(client, engine, await default_signer(engine))
