@@ -74,6 +74,7 @@ class Engine:
         observer: Observer | None,
     ) -> None:
         self.config = config
+        self.dsn = dsn  # for helpers that need connections of their own (the nonce book)
         self.clock = clock
         self._pool = pool
         self._in_flight: set[tuple[str, str]] = set()

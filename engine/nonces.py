@@ -8,6 +8,13 @@ under load, `batch_wait_ms` more) and inserts them all with one statement, whose
 RETURNING says which were new. The table stays bounded: rows older than the retention
 (twice the timestamp window, so a nonce outlives every timestamp that could carry it)
 are deleted by the sweeper, a bounded batch at a time (`reap`).
+
+The book has a connection of its own with asynchronous commit: the insert answers
+without waiting for its WAL flush, which would otherwise add a whole commit's latency to
+every request. What a crash can lose is the last few hundred milliseconds of nonces (any
+later synchronous commit, such as the engine's next batch, flushes them too); a request
+replayed within that gap is at worst read again, or answered from its idempotency record
+— it can never move money twice.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ RETENTION_S: Final = 600
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NonceConfig:
     batch_size_max: int = 1_000  # nonces inserted by one statement
+    connect_timeout_s: float = 5.0
+    statement_timeout_ms: int = 5_000
     batch_wait_ms: float = 1.0  # under load, time to gather a batch
     pending_max: int = 20_000  # waiting nonces before claims are refused (Overloaded)
 
@@ -49,9 +58,10 @@ class NonceConfig:
 
 
 class NonceBook:
-    def __init__(self, pool: asyncpg.Pool, *, config: NonceConfig | None = None) -> None:
-        self._pool = pool
+    def __init__(self, dsn: str, *, config: NonceConfig | None = None) -> None:
+        self._dsn = dsn
         self._config = config or NonceConfig()
+        self._conn: asyncpg.Connection | None = None
         self._pending: dict[Key, asyncio.Future[bool]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -69,6 +79,9 @@ class NonceBook:
             self._task = None
         self._fail(list(self._pending.values()), Unavailable("shutting down"))
         self._pending.clear()
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
     async def claim(self, partner_id: str, nonce: str) -> bool:
         """True if this nonce is new for the partner (and is now recorded), False if it
@@ -100,14 +113,28 @@ class NonceBook:
                 fresh = await self._insert(keys)
             except Exception as error:  # every waiter must hear of it
                 self._fail(futures, translate_database_error(error))
+                if self._conn is not None:
+                    self._conn.terminate()  # a fresh one for the next batch
+                    self._conn = None
                 continue
             for key, future in zip(keys, futures, strict=True):
                 if not future.done():
                     future.set_result(key in fresh)
 
     async def _insert(self, keys: list[Key]) -> set[Key]:
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch(_INSERT, [k[0] for k in keys], [k[1] for k in keys])
+        if self._conn is None or self._conn.is_closed():
+            config = self._config
+            self._conn = await asyncpg.connect(
+                self._dsn,
+                timeout=config.connect_timeout_s,
+                command_timeout=config.statement_timeout_ms / 1000 + 1,
+                server_settings={
+                    "synchronous_commit": "off",
+                    "statement_timeout": str(config.statement_timeout_ms),
+                    "application_name": "txengine-nonces",
+                },
+            )
+        rows = await self._conn.fetch(_INSERT, [k[0] for k in keys], [k[1] for k in keys])
         return {(row["partner_id"], row["nonce"]) for row in rows}
 
     @staticmethod

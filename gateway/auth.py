@@ -14,8 +14,11 @@ so a forger cannot spend a partner's rate budget or burn its nonces:
 7. the nonce was not seen in the window (shared table)       401 replayed_nonce
 
 Then the request runs with the partner's id as its scope, so it sees only what the
-partner created. /healthz, /readyz, /metrics, /openapi.json and /problems/* need no
-signature: they show nothing of any partner.
+partner created. Check 7 runs beside the request, and its answer is withheld until the
+check passed (see `auth_middleware` for why that is safe).
+
+/healthz, /readyz, /metrics, /openapi.json and /problems/* need no signature: they show
+nothing of any partner.
 
 Partners' credentials are cached per process for CREDENTIALS_TTL_S, so a request costs no
 database read for them; disabling or rotating takes effect within that time.
@@ -81,13 +84,14 @@ class Authenticator:
         self._box = box
         self._body_timeout_s = body_timeout_s
         self._clock = clock
-        self.nonces = NonceBook(engine.pool)
+        self.nonces = NonceBook(engine.dsn)
         self._cache: dict[str, tuple[float, _Partner | None]] = {}
         self._loading: dict[str, asyncio.Future[_Partner | None]] = {}
         self._budgets: dict[str, RateBudget] = {}
 
-    async def authenticate(self, request: web.Request) -> str:
-        """The id of the partner that signed `request`; ProblemError if it is refused."""
+    async def authenticate(self, request: web.Request) -> tuple[str, asyncio.Task[bool]]:
+        """The id of the partner that signed `request`, and the nonce check under way
+        (True: fresh); ProblemError if the request is refused."""
         try:
             headers = signing.parse_headers(request.headers.get)
             signing.check_timestamp(headers.timestamp, now_s=self._clock())
@@ -110,9 +114,9 @@ class Authenticator:
         if not partner.verify(message, headers.signature):
             raise _refused("bad_signature", "the signature does not match the request")
         await self._spend(headers.partner_id, partner.credentials.rate_per_s)
-        if not await self._claim(headers.partner_id, headers.nonce):
-            raise _refused("replayed_nonce", "this nonce was used before")
-        return headers.partner_id
+        claim = asyncio.ensure_future(self._claim(headers.partner_id, headers.nonce))
+        claim.add_done_callback(_retrieve)  # a handler cancelled mid-way never awaits it
+        return headers.partner_id, claim
 
     async def _read_body(self, request: web.Request) -> bytes:
         # aiohttp keeps what it read, so the handler's own read() returns the same bytes.
@@ -182,6 +186,11 @@ class Authenticator:
         return partner
 
 
+def _retrieve(task: asyncio.Task[bool]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _refused(code: str, detail: str) -> ProblemError:
     metrics.AUTH_REFUSALS.labels(code).inc()
     return ProblemError(code, detail=detail)
@@ -194,8 +203,24 @@ def is_protected(path: str) -> bool:
 def auth_middleware(authenticator: Authenticator) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if is_protected(request.path):
-            request[SCOPE] = await authenticator.authenticate(request)
-        return await handler(request)
+        if not is_protected(request.path):
+            return await handler(request)
+        request[SCOPE], claim = await authenticator.authenticate(request)
+        # The nonce check (a database round trip, batched) runs beside the handler rather
+        # than before it, which keeps it off the latency of every request. That is safe
+        # because nothing of the handler's gets out before the check passed: a replay's
+        # answer, error or not, is replaced by the 401; and what a replayed request did
+        # is nothing, as every state-changing request carries an Idempotency-Key, which
+        # the engine applies once (a replay is the same request with the same key: it
+        # is answered from the record, or refused while the first is in flight).
+        try:
+            response = await handler(request)
+        except Exception:  # an error answer is an answer too: withheld from a replay
+            if not await claim:
+                raise _refused("replayed_nonce", "this nonce was used before") from None
+            raise
+        if not await claim:
+            raise _refused("replayed_nonce", "this nonce was used before")
+        return response
 
     return auth

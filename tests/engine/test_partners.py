@@ -86,7 +86,7 @@ async def test_the_bucket_grants_at_most_its_tokens(engine: Engine) -> None:
 
 
 async def test_nonces_are_claimed_once_and_reaped_after_the_window(engine: Engine) -> None:
-    book = nonces.NonceBook(engine.pool)
+    book = nonces.NonceBook(engine.dsn)
     book.start()
     try:
         firsts = await asyncio.gather(*(book.claim("shop", f"nonce-{i:012d}") for i in range(50)))

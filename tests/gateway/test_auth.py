@@ -355,3 +355,23 @@ async def test_limits_can_be_changed(api: Api) -> None:
         )
     await asyncio.sleep(CREDENTIALS_TTL_S + 0.1)
     assert (await limited.get("/v1/accounts/1")).status == 404
+
+
+async def test_concurrent_copies_of_a_signed_post_move_money_once(api: Api, world: World) -> None:
+    """The nonce check runs beside the handler: copies that race the original are
+    answered 401 only, and the engine applies the key's transfer once."""
+    raw = json.dumps(world.transfer(amount_minor=3)).encode()
+    headers = {**_headers_of(api, "POST", "/v1/transfers", raw), "Idempotency-Key": "race-1"}
+    before = await api.balance(world.merchant)
+    replies = await asyncio.gather(
+        *(
+            api.post("/v1/transfers", raw=raw, sign=False, key=None, headers=headers)
+            for _ in range(10)
+        )
+    )
+    assert sorted(r.status for r in replies) == [201] + [401] * 9
+    for reply in replies:
+        if reply.status == 401:
+            assert_problem(reply, 401, "replayed_nonce")
+    after = await api.balance(world.merchant)
+    assert after["posted_minor"] == before["posted_minor"] + 3
