@@ -83,20 +83,22 @@ class NonceBook:
             await self._conn.close()
             self._conn = None
 
-    async def claim(self, partner_id: str, nonce: str) -> bool:
-        """True if this nonce is new for the partner (and is now recorded), False if it
-        was seen before. Raises Overloaded when too many claims wait, Unavailable when
-        the database cannot be reached."""
+    def claim(self, partner_id: str, nonce: str) -> asyncio.Future[bool]:
+        """A future of True if this nonce is new for the partner (and is then recorded),
+        False if it was seen before; it fails with Unavailable when the database cannot
+        be reached. Raises Overloaded at once when too many claims wait. A future, not a
+        coroutine, so a caller can start the check and await it later for free."""
         assert self._task is not None, "start() the book first"
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         key = (partner_id, nonce)
         if key in self._pending:
-            return False  # the same nonce twice in one batch: the second is a replay
+            future.set_result(False)  # the same nonce twice in one batch: a replay
+            return future
         if len(self._pending) >= self._config.pending_max:
             raise Overloaded("too many signed requests are waiting for their nonce check")
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         self._wake.set()
-        return await future
+        return future
 
     async def _run(self) -> None:
         config = self._config

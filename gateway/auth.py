@@ -89,7 +89,7 @@ class Authenticator:
         self._loading: dict[str, asyncio.Future[_Partner | None]] = {}
         self._budgets: dict[str, RateBudget] = {}
 
-    async def authenticate(self, request: web.Request) -> tuple[str, asyncio.Task[bool]]:
+    async def authenticate(self, request: web.Request) -> tuple[str, asyncio.Future[bool]]:
         """The id of the partner that signed `request`, and the nonce check under way
         (True: fresh); ProblemError if the request is refused."""
         try:
@@ -114,12 +114,17 @@ class Authenticator:
         if not partner.verify(message, headers.signature):
             raise _refused("bad_signature", "the signature does not match the request")
         await self._spend(headers.partner_id, partner.credentials.rate_per_s)
-        claim = asyncio.ensure_future(self._claim(headers.partner_id, headers.nonce))
+        try:
+            claim = self.nonces.claim(headers.partner_id, headers.nonce)
+        except EngineError as error:
+            raise ProblemError(problem_code_of(error), detail=str(error)) from None
         claim.add_done_callback(_retrieve)  # a handler cancelled mid-way never awaits it
         return headers.partner_id, claim
 
     async def _read_body(self, request: web.Request) -> bytes:
         # aiohttp keeps what it read, so the handler's own read() returns the same bytes.
+        if request.content.is_eof():  # all of it came with the headers: nothing to bound
+            return await request.read()
         try:
             async with asyncio.timeout(self._body_timeout_s):
                 return await request.read()
@@ -154,12 +159,6 @@ class Authenticator:
 
         return lease
 
-    async def _claim(self, partner_id: str, nonce: str) -> bool:
-        try:
-            return await self.nonces.claim(partner_id, nonce)
-        except EngineError as error:
-            raise ProblemError(problem_code_of(error), detail=str(error)) from None
-
     async def _partner(self, partner_id: str) -> _Partner | None:
         cached = self._cache.get(partner_id)
         if cached is not None and cached[0] > time.monotonic():
@@ -186,9 +185,16 @@ class Authenticator:
         return partner
 
 
-def _retrieve(task: asyncio.Task[bool]) -> None:
-    if not task.cancelled():
-        task.exception()
+def _retrieve(claim: asyncio.Future[bool]) -> None:
+    if not claim.cancelled():
+        claim.exception()
+
+
+async def _fresh(claim: asyncio.Future[bool]) -> bool:
+    try:
+        return await claim
+    except EngineError as error:
+        raise ProblemError(problem_code_of(error), detail=str(error)) from None
 
 
 def _refused(code: str, detail: str) -> ProblemError:
@@ -216,10 +222,10 @@ def auth_middleware(authenticator: Authenticator) -> Callable[..., Awaitable[web
         try:
             response = await handler(request)
         except Exception:  # an error answer is an answer too: withheld from a replay
-            if not await claim:
+            if not await _fresh(claim):
                 raise _refused("replayed_nonce", "this nonce was used before") from None
             raise
-        if not await claim:
+        if not await _fresh(claim):
             raise _refused("replayed_nonce", "this nonce was used before")
         return response
 
