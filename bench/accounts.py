@@ -2,7 +2,8 @@
 
 This is set-up, not the measured path, so it uses aiohttp's client for convenience. Every
 request carries an Idempotency-Key, which makes retrying after a 5xx or a dropped
-connection safe: the server answers a repeat with the first result.
+connection safe: the server answers a repeat with the first result. Every request is
+signed as the bench's partner (`create_partner`), as txengine wants of every /v1 call.
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
+import asyncpg
 import orjson
 
+from engine import partners as partner_store
+from engine.partners import SecretBox
+from gateway.signing import Signer, aiohttp_middleware
+
 T = TypeVar("T")
+Partner = tuple[str, str]  # (partner id, HMAC secret): plain strings, so they pickle
 
 SETUP_CONCURRENCY = 32
 SETUP_ATTEMPTS_MAX = 5
@@ -66,11 +73,34 @@ async def _map_limited(
     return results
 
 
-def _session(base_url: str, concurrency: int) -> aiohttp.ClientSession:
+async def create_partner(dsn: str, *, secret_key: str, rate_per_s: int = 1_000_000) -> Partner:
+    """A new partner for this run (a rate limit the bench never meets), made directly in
+    the database the server uses; `secret_key` is the server's TXENGINE_SECRET_KEY."""
+    partner_id = f"bench-{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        secret = await partner_store.create(
+            conn,
+            SecretBox(secret_key.encode()),
+            partner_id=partner_id,
+            name="benchmark",
+            actor="operator:bench",
+            rate_per_s=rate_per_s,
+            burst=rate_per_s,
+        )
+    finally:
+        await conn.close()
+    assert secret is not None
+    return partner_id, secret
+
+
+def _session(base_url: str, concurrency: int, partner: Partner | None) -> aiohttp.ClientSession:
+    signing = () if partner is None else (aiohttp_middleware(Signer.hmac(*partner)),)
     return aiohttp.ClientSession(
         base_url=base_url,
         connector=aiohttp.TCPConnector(limit=concurrency),
         timeout=aiohttp.ClientTimeout(total=SETUP_TIMEOUT_S),
+        middlewares=signing,
     )
 
 
@@ -89,13 +119,14 @@ async def setup_accounts(
     initial_minor: int,
     concurrency: int = SETUP_CONCURRENCY,
     key_prefix: str | None = None,
+    partner: Partner | None = None,
 ) -> list[int]:
     """Create `count` user accounts, each funded with initial_minor from a system account.
 
     The system account may go negative, so it needs no funding of its own.
     """
     prefix = key_prefix or f"setup-{uuid.uuid4().hex[:12]}"
-    async with _session(base_url, concurrency) as session:
+    async with _session(base_url, concurrency, partner) as session:
         system_id = await create_account(
             session, kind="system", currency=currency, key=f"{prefix}-system"
         )
@@ -123,11 +154,15 @@ async def setup_accounts(
 
 
 async def setup_hot_account(
-    base_url: str, *, currency: str = "CNY", key_prefix: str | None = None
+    base_url: str,
+    *,
+    currency: str = "CNY",
+    key_prefix: str | None = None,
+    partner: Partner | None = None,
 ) -> int:
     """One merchant account for the hot scenario, where every transfer credits it."""
     prefix = key_prefix or f"setup-{uuid.uuid4().hex[:12]}"
-    async with _session(base_url, 1) as session:
+    async with _session(base_url, 1, partner) as session:
         return await create_account(
             session, kind="merchant", currency=currency, key=f"{prefix}-merchant"
         )

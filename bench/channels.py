@@ -29,16 +29,21 @@ import aiohttp
 from aiohttp import web
 
 from banksim import BankSimulator, SimConfig
+from bench.accounts import create_partner
 from engine import Engine
+from engine.partners import new_master_key
 from engine.products import channels
 from engine.reconcile import reconcile
 from gateway.app import make_app
 from gateway.routes.channels import BANKS
 from gateway.settings import from_env
+from gateway.signing import Signer, aiohttp_middleware
 
 DATA_DIR: Final = Path(__file__).parent / ".data" / "channels-pg"
 FUNDS_MINOR: Final = 10_000_000  # each user's starting balance
 _HEADERS: Final = {"Content-Type": "application/json"}
+# The server seals partner secrets with this key; the run makes its partner with it.
+SECRET_KEY: Final = new_master_key().decode()
 
 
 @dataclasses.dataclass
@@ -65,6 +70,7 @@ async def _serving(dsn: str, bank_url: str, deadline_s: int) -> AsyncIterator[tu
     settings = from_env()
     settings = dataclasses.replace(
         settings,
+        secret_key=SECRET_KEY,
         channels={
             name: dataclasses.replace(config, base_url=bank_url, deadline_s=deadline_s)
             for name, config in settings.channels.items()
@@ -117,7 +123,9 @@ async def run_channels(
     rng = random.Random(seed)
     try:
         async with _serving(dsn, bank_url, deadline_s) as (engine, base_url):
-            async with aiohttp.ClientSession() as session:
+            partner = await create_partner(dsn, secret_key=SECRET_KEY)
+            signed = (aiohttp_middleware(Signer.hmac(*partner)),)
+            async with aiohttp.ClientSession(middlewares=signed) as session:
                 run = Run(session=session, base_url=base_url)
                 users = await _users(run, concurrency)
                 gate = asyncio.Semaphore(concurrency)

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import random
 import sys
 import time
@@ -46,7 +47,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
-from bench.accounts import parse_account_ids, setup_accounts, setup_hot_account
+from bench.accounts import Partner, parse_account_ids, setup_accounts, setup_hot_account
+from gateway.signing import Signer
 
 OK_STATUS = 201
 # Transfers are small so that the funded balances last through long runs.
@@ -91,7 +93,9 @@ class TransferRequests:
     """Produces POST /v1/transfers requests as bytes, cheaply.
 
     Bodies (random accounts and amount) are encoded once into a ring; per request only the
-    Idempotency-Key counter is formatted in, which keeps every request unique.
+    Idempotency-Key counter is formatted in, which keeps every request unique, and, for a
+    `partner`, the signature headers (gateway/signing.py; the nonce is the key prefix and
+    the counter): about 5 µs a request, mostly the HMAC.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class TransferRequests:
         hot_account_id: int | None = None,
         currency: str = "CNY",
         seed: int | None = None,
+        partner: Partner | None = None,
     ) -> None:
         debits = [a for a in accounts if a != hot_account_id]
         if len(debits) < (1 if hot_account_id is not None else 2):
@@ -111,19 +116,37 @@ class TransferRequests:
         rng = random.Random(seed)
         self._head = (
             f"POST /v1/transfers HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/json\r\nIdempotency-Key: {key_prefix}-"
+            f"Content-Type: application/json\r\n"
         ).encode()
-        self._tails = [
-            _encode_tail(_pick_pair(rng, debits, hot_account_id), rng, currency)
+        self._key_prefix = key_prefix
+        self._key = f"Idempotency-Key: {key_prefix}-".encode()
+        self._bodies = [
+            _encode_body(_pick_pair(rng, debits, hot_account_id), rng, currency)
             for _ in range(BODY_RING_SIZE)
         ]
+        self._tails = [b"\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b) for b in self._bodies]
         self._mask = BODY_RING_SIZE - 1
+        self._signer = None if partner is None else Signer.hmac(*partner)
         self.count = 0
 
     def next(self) -> bytes:
         n = self.count
         self.count = n + 1
-        return b"%s%d%s" % (self._head, n, self._tails[n & self._mask])
+        i = n & self._mask
+        signature = b"" if self._signer is None else self._sign(n, self._bodies[i])
+        return b"%s%s%s%d%s" % (self._head, signature, self._key, n, self._tails[i])
+
+    def _sign(self, n: int, body: bytes) -> bytes:
+        assert self._signer is not None
+        headers = self._signer.headers(
+            "POST",
+            "/v1/transfers",
+            body,
+            timestamp=int(time.time()),
+            nonce=f"{self._key_prefix}-{n:015d}",
+            idempotency_key=f"{self._key_prefix}-{n}",
+        )
+        return "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode()
 
 
 def _pick_pair(rng: random.Random, debits: Sequence[int], hot: int | None) -> tuple[int, int]:
@@ -133,15 +156,14 @@ def _pick_pair(rng: random.Random, debits: Sequence[int], hot: int | None) -> tu
     return debit, credit
 
 
-def _encode_tail(pair: tuple[int, int], rng: random.Random, currency: str) -> bytes:
+def _encode_body(pair: tuple[int, int], rng: random.Random, currency: str) -> bytes:
     amount = rng.randint(AMOUNT_MINOR_MIN, AMOUNT_MINOR_MAX)
     # Ids go as decimal strings, as the gateway wants: 63-bit ids overflow JSON numbers
     # in clients that read them as doubles.
-    body = (
+    return (
         f'{{"debit_account_id":"{pair[0]}","credit_account_id":"{pair[1]}",'
         f'"amount_minor":{amount},"currency":"{currency}"}}'
     ).encode()
-    return b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
 # ----------------------------------------------------------------------------- responses
@@ -609,6 +631,7 @@ async def run_load(
     currency: str = "CNY",
     seed: int | None = None,
     start_at_epoch_s: float | None = None,
+    partner: Partner | None = None,
 ) -> LoadResult:
     """Load POST /v1/transfers; closed loop, or open loop when rate_per_s is given.
 
@@ -626,6 +649,7 @@ async def run_load(
         hot_account_id=hot_account_id,
         currency=currency,
         seed=seed,
+        partner=partner,
     )
     open_loop = rate_per_s is not None
     run = _Run(
@@ -727,15 +751,30 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--drain-timeout-s", type=float, default=10.0)
     p.add_argument("--processes", type=int, default=1, help="split the load over K processes")
     p.add_argument("--seed", type=int)
+    p.add_argument("--partner-id", help="sign every request as this partner")
+    p.add_argument(
+        "--partner-secret",
+        default=os.environ.get("TXENGINE_PARTNER_SECRET"),
+        help="its HMAC secret (default: $TXENGINE_PARTNER_SECRET, which keeps it off ps)",
+    )
     p.add_argument("--json-out", type=Path, help="also write the result as JSON")
     return p.parse_args(argv)
 
 
+def _partner(args: argparse.Namespace) -> Partner | None:
+    if args.partner_id is None:
+        return None
+    if not args.partner_secret:
+        raise SystemExit("--partner-id needs --partner-secret or $TXENGINE_PARTNER_SECRET")
+    return args.partner_id, args.partner_secret
+
+
 async def _resolve_accounts(args: argparse.Namespace) -> tuple[list[int], int | None]:
     base_url = f"http://{args.host}:{args.port}"
+    partner = _partner(args)
     if args.setup_accounts is not None:
         accounts = await setup_accounts(
-            base_url, count=args.setup_accounts, initial_minor=args.initial_minor
+            base_url, count=args.setup_accounts, initial_minor=args.initial_minor, partner=partner
         )
     elif args.accounts_file is not None:
         accounts = parse_account_ids(args.accounts_file.read_text())
@@ -743,7 +782,7 @@ async def _resolve_accounts(args: argparse.Namespace) -> tuple[list[int], int | 
         accounts = parse_account_ids(args.accounts)
     hot = args.hot_account
     if args.hot and hot is None:
-        hot = await setup_hot_account(base_url)
+        hot = await setup_hot_account(base_url, partner=partner)
     return accounts, hot
 
 
@@ -764,6 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outstanding_max=args.outstanding_max,
         drain_timeout_s=args.drain_timeout_s,
         seed=args.seed,
+        partner=_partner(args),
     )
     print(format_table(result))
     if args.json_out is not None:

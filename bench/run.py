@@ -38,9 +38,10 @@ from typing import Any
 
 import aiohttp
 
-from bench.accounts import setup_accounts, setup_hot_account
+from bench.accounts import Partner, create_partner, setup_accounts, setup_hot_account
 from bench.loadgen import LoadResult, format_table, run_load
 from bench.pgbench import PgbenchResult, dsn_parts, run_tpcb
+from engine.partners import new_master_key
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -136,8 +137,13 @@ def _free_port() -> int:
         return port
 
 
+# The server seals partner secrets with this key; the bench makes its partner with it.
+SECRET_KEY = os.environ.get("TXENGINE_SECRET_KEY") or new_master_key().decode()
+
+
 def _start_server(module: str, dsn: str, port: int, workers: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, TXENGINE_DATABASE_URL=dsn, TXENGINE_AUTO_MIGRATE="1")
+    env["TXENGINE_SECRET_KEY"] = SECRET_KEY
     # Also in the environment: worker processes re-read their settings from it, and the
     # command-line flags alone have not always reached them.
     env.update(TXENGINE_HOST="127.0.0.1", TXENGINE_PORT=str(port), TXENGINE_WORKERS=str(workers))
@@ -196,16 +202,28 @@ def _stop_server(server: subprocess.Popen[bytes]) -> None:
 # ----------------------------------------------------------------------------- load
 
 
-async def _drive(args: argparse.Namespace, port: int, server: Any) -> dict[str, LoadResult]:
-    """Wait for the server, set up accounts, and run each scenario's closed-loop load."""
+async def _partner(args: argparse.Namespace, dsn: str) -> Partner:
+    if args.server_module != "gateway.cli":
+        return ("bench-fake", "x" * 32)  # a stand-in server checks no signature
+    return await create_partner(dsn, secret_key=SECRET_KEY)
+
+
+async def _drive(
+    args: argparse.Namespace, port: int, server: Any, dsn: str
+) -> dict[str, LoadResult]:
+    """Wait for the server, make the partner and the accounts, and run each scenario's
+    closed-loop load, every request signed."""
     base_url = f"http://127.0.0.1:{port}"
     await _wait_ready(base_url, server)
+    partner = await _partner(args, dsn)
     t0 = time.monotonic()
-    accounts = await setup_accounts(base_url, count=args.accounts, initial_minor=INITIAL_MINOR)
+    accounts = await setup_accounts(
+        base_url, count=args.accounts, initial_minor=INITIAL_MINOR, partner=partner
+    )
     _log(f"{len(accounts)} accounts created and funded in {time.monotonic() - t0:.1f} s")
     results: dict[str, LoadResult] = {}
     for scenario in SCENARIOS[args.scenario]:
-        hot = await setup_hot_account(base_url) if scenario == "hot" else None
+        hot = await setup_hot_account(base_url, partner=partner) if scenario == "hot" else None
         _log(f"scenario {scenario}: {args.connections} connections, {args.duration_s:g} s")
         result = await run_load(
             host="127.0.0.1",
@@ -215,6 +233,7 @@ async def _drive(args: argparse.Namespace, port: int, server: Any) -> dict[str, 
             warmup_s=args.warmup_s,
             connections=args.connections,
             hot_account_id=hot,
+            partner=partner,
         )
         print(f"\n== {scenario}\n{format_table(result)}", file=sys.stderr, flush=True)
         results[scenario] = result
@@ -226,7 +245,7 @@ def _run_txengine(args: argparse.Namespace, dsn: str) -> dict[str, LoadResult]:
     server = _start_server(args.server_module, dsn, port, args.workers)
     try:
         with asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
-            return runner.run(_drive(args, port, server))
+            return runner.run(_drive(args, port, server, dsn))
     finally:
         _stop_server(server)
 

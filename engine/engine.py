@@ -85,6 +85,7 @@ class Engine:
         observer: Observer | None,
     ) -> None:
         self.config = config
+        self.dsn = dsn  # for helpers that need connections of their own (the nonce book)
         self.clock = clock
         self._pool = pool
         self._step_pool = step_pool
@@ -212,18 +213,18 @@ class Engine:
     # -- reads ----------------------------------------------------------------------------
 
     async def account(self, account_id: int, *, scope: str | None) -> AccountView | None:
-        async with self._reader() as conn:
+        async with self.reader() as conn:
             return await store.read_account(conn, account_id, scope=scope)
 
     async def transfer(self, transfer_id: int, *, scope: str | None) -> TransferView | None:
-        async with self._reader() as conn:
+        async with self.reader() as conn:
             return await store.read_transfer(conn, transfer_id, scope=scope)
 
     async def entries(
         self, account_id: int, *, scope: str | None, limit: int, starting_after: int | None
     ) -> Page | None:
         """A page of the account's entries, newest first; None if the account is unknown."""
-        async with self._reader() as conn:
+        async with self.reader() as conn:
             if await store.read_account(conn, account_id, scope=scope) is None:
                 return None
             if starting_after is not None and not await store.entry_exists(
@@ -236,10 +237,12 @@ class Engine:
 
     async def ping(self) -> None:
         """Raise Unavailable unless the database answers now."""
-        async with self._reader() as conn:
+        async with self.reader() as conn:
             await conn.fetchval("SELECT 1")
 
-    def _reader(self) -> _Reader:
+    def reader(self) -> _Reader:
+        """`async with engine.reader() as conn`: a pooled connection whose database errors
+        come out as the engine's own."""
         return _Reader(self._pool)
 
 

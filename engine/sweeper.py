@@ -20,7 +20,7 @@ from typing import Final
 
 import asyncpg
 
-from engine import store
+from engine import nonces, store
 from engine.engine import Engine
 from engine.errors import EngineError, translate_database_error
 from engine.model import VoidPending
@@ -36,6 +36,7 @@ class SweeperConfig:
     holds_batch_size_max: int = 500  # expired holds voided per run
     keys_batch_size_max: int = 5_000  # idempotency keys deleted per run
     messages_batch_size_max: int = 1_000  # spent step-up messages deleted per run
+    nonces_batch_size_max: int = 5_000  # request nonces past their window deleted per run
     interval_s: float = 1.0  # pause after a run that found less than a full batch
     error_backoff_s: float = 5.0  # pause after a run that failed (database away)
 
@@ -67,6 +68,13 @@ async def reap_step_up_messages_once(engine: Engine, *, limit: int) -> int:
     """Delete up to `limit` step-up messages whose code is spent or expired."""
     async with engine.pool.acquire() as conn:
         return await store.reap_step_up_messages(conn, now=engine.clock(), limit=limit)
+
+
+async def reap_nonces_once(engine: Engine, *, limit: int) -> int:
+    """Delete up to `limit` request nonces past their replay window; return how many."""
+    cutoff = engine.clock() - timedelta(seconds=nonces.RETENTION_S)
+    async with engine.pool.acquire() as conn:
+        return await nonces.reap(conn, seen_before=cutoff, limit=limit)
 
 
 class Sweeper:
@@ -101,10 +109,12 @@ class Sweeper:
         messages = await reap_step_up_messages_once(
             self._engine, limit=config.messages_batch_size_max
         )
+        nonces_reaped = await reap_nonces_once(self._engine, limit=config.nonces_batch_size_max)
         full = (
             expired >= config.holds_batch_size_max
             or reaped >= config.keys_batch_size_max
             or messages >= config.messages_batch_size_max
+            or nonces_reaped >= config.nonces_batch_size_max
         )
         fired: dict[str, int] = {}
         for job in self._timer_jobs:
@@ -112,13 +122,14 @@ class Sweeper:
             full = full or count >= job.batch_size_max
             if count:
                 fired[job.name] = count
-        if expired or reaped or messages or fired:
+        if expired or reaped or messages or nonces_reaped or fired:
             _log.info(
                 "swept",
                 extra={
                     "holds_expired": expired,
                     "keys_reaped": reaped,
                     "messages": messages,
+                    "nonces_reaped": nonces_reaped,
                     "timers": fired,
                 },
             )

@@ -15,8 +15,10 @@ from typing import Final
 from aiohttp import web
 
 from engine import Engine, EngineError
+from engine.partners import SecretBox
 from engine.products.banks import Banks
 from gateway import metrics
+from gateway.auth import Authenticator, auth_middleware
 from gateway.commands import ENGINE, REQUEST_ID, problem_code_of
 from gateway.problems import ProblemError, problem
 from gateway.routes import ROUTES
@@ -26,7 +28,12 @@ from gateway.settings import Settings
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 _REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _LANE_DEPTH_INTERVAL_S: Final = 1.0
-_HTTP_PROBLEMS: Final = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+_HTTP_PROBLEMS: Final = {
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+}
 
 _log = logging.getLogger("txengine.gateway")
 _access = logging.getLogger("txengine.access")
@@ -59,7 +66,13 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await handler(request)
     except ProblemError as error:
-        return problem(error.code, detail=error.detail, instance=request.path, **error.extensions)
+        return problem(
+            error.code,
+            detail=error.detail,
+            instance=request.path,
+            headers=error.headers,
+            **error.extensions,
+        )
     except EngineError as error:
         # A read that met a database outage: retryable problems, like the write routes'.
         retry_code = problem_code_of(error)
@@ -113,13 +126,31 @@ async def _report_lane_depth(engine: Engine) -> None:
         await asyncio.sleep(_LANE_DEPTH_INTERVAL_S)
 
 
+def runner_options(settings: Settings) -> dict[str, float]:
+    """Options of the aiohttp server (web.AppRunner, or TestServer in tests)."""
+    return {"keepalive_timeout": settings.header_timeout_s}
+
+
 def make_app(engine: Engine, settings: Settings) -> web.Application:
+    authenticator = Authenticator(
+        engine, SecretBox(settings.master_key()), body_timeout_s=settings.body_timeout_s
+    )
     app = web.Application(
-        middlewares=[edge_middleware(access_log=settings.access_log)],
+        middlewares=[
+            edge_middleware(access_log=settings.access_log),
+            auth_middleware(authenticator),
+        ],
         client_max_size=settings.body_size_max_bytes,
     )
     app[ENGINE] = engine
     app.add_routes(ROUTES)
+
+    async def nonce_book(app: web.Application) -> AsyncIterator[None]:
+        authenticator.nonces.start()
+        yield
+        await authenticator.nonces.stop()
+
+    app.cleanup_ctx.append(nonce_book)
 
     async def lane_depth_reporter(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_report_lane_depth(engine))

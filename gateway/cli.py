@@ -1,4 +1,5 @@
-"""`txengine`: serve, migrate, reconcile, risk, fees, webhooks secret create|rotate.
+"""`txengine`: serve, migrate, reconcile, partners, audit, risk, fees, webhooks secret
+create|rotate.
 
 `serve` starts the embedded PostgreSQL when TXENGINE_DATABASE_URL is not set (and starts
 it again on the same data directory if it dies), applies or checks migrations, then runs
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import getpass
 import logging
 import os
 import signal
@@ -22,13 +24,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
 import uvloop
 from aiohttp import web
 
-from engine import AccountKind, ClientError, Engine, EngineError, risk_settings
+from engine import AccountKind, ClientError, Engine, EngineError, audit, risk_settings
+from engine import partners as partner_store
 from engine.database import (
     EmbeddedPostgres,
     PostgresStartError,
@@ -38,12 +42,13 @@ from engine.database import (
 )
 from engine.engine import utc_now
 from engine.ids import NODE_COUNT_MAX, IdGenerator
+from engine.partners import PartnerError, PartnerStatus, SecretBox
 from engine.products import fees, webhooks
 from engine.products.dispatcher import Dispatcher
 from engine.reconcile import reconcile, totals
 from engine.sweeper import Sweeper
-from gateway import logs, metrics
-from gateway.app import make_app
+from gateway import logs, metrics, signing
+from gateway.app import make_app, runner_options
 from gateway.settings import Settings, from_env
 
 _log = logging.getLogger("txengine.cli")
@@ -146,6 +151,7 @@ async def run_worker(dsn: str, settings: Settings, *, reuse_port: bool) -> None:
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.shutdown_timeout_s,
+        keepalive_timeout=runner_options(settings)["keepalive_timeout"],
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=2048)
@@ -441,6 +447,143 @@ def _add_risk_parser(commands: Any) -> None:
     show.add_argument("--account", type=int)
 
 
+def _operator() -> str:
+    try:
+        return f"operator:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name for this uid (a bare container)
+        return f"operator:uid-{os.getuid()}"
+
+
+def _public_key(path: str | None) -> str | None:
+    if path is None:
+        return None
+    pem = Path(path).read_text(encoding="ascii")
+    signing.load_public_key(pem)  # refuse a bad key before storing it
+    return pem
+
+
+async def _partners(dsn: str, args: argparse.Namespace, settings: Settings) -> int:
+    """`txengine partners ...`: every change is audited in the same transaction.
+    Secrets are printed once, here, and nowhere else."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await check_schema(conn)
+        box = SecretBox(settings.master_key())
+        actor = _operator()
+        if args.action == "create":
+            secret = await partner_store.create(
+                conn,
+                box,
+                partner_id=args.partner_id,
+                name=args.name or args.partner_id,
+                actor=actor,
+                public_key_pem=_public_key(args.public_key_file),
+                rate_per_s=args.rate_per_s,
+                burst=args.burst,
+            )
+            _print_secret(args.partner_id, secret)
+        elif args.action == "rotate":
+            secret = await partner_store.rotate(
+                conn,
+                box,
+                partner_id=args.partner_id,
+                actor=actor,
+                overlap_s=args.overlap_s,
+                public_key_pem=_public_key(args.public_key_file),
+            )
+            _print_secret(args.partner_id, secret)
+            print(f"the previous credential stays valid for {args.overlap_s} s")
+        elif args.action in ("disable", "enable"):
+            status = PartnerStatus.DISABLED if args.action == "disable" else PartnerStatus.ACTIVE
+            await partner_store.set_status(
+                conn, partner_id=args.partner_id, status=status, actor=actor
+            )
+            print(f"partner {args.partner_id} {status.value}")
+        elif args.action == "limits":
+            await partner_store.set_limits(
+                conn,
+                partner_id=args.partner_id,
+                rate_per_s=args.rate_per_s,
+                burst=args.burst,
+                actor=actor,
+            )
+            print(f"partner {args.partner_id}: {args.rate_per_s}/s, burst {args.burst}")
+        else:
+            _print_partners(await partner_store.list_partners(conn))
+    except (PartnerError, ValueError) as error:
+        print(f"txengine: {error}", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+    return 0
+
+
+def _print_secret(partner_id: str, secret: str | None) -> None:
+    print(f"partner: {partner_id}")
+    if secret is not None:
+        print(f"secret: {secret}")
+        print("(shown once: store it now; it signs requests with HMAC-SHA256)")
+    else:
+        print("algorithm: rsa2 (requests are signed with the partner's private key)")
+
+
+def _print_partners(found: list[partner_store.Partner]) -> None:
+    print(
+        f"{'id':<24} {'status':<9} {'algorithm':<12} {'rate/s':>8} {'burst':>8} {'keys':>5}  name"
+    )
+    for p in found:
+        print(
+            f"{p.id:<24} {p.status.value:<9} {p.algorithm:<12} {p.rate_per_s:>8} "
+            f"{p.burst:>8} {p.live_credentials:>5}  {p.name}"
+        )
+
+
+async def _audit(dsn: str, args: argparse.Namespace) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await check_schema(conn)
+        entries = await audit.read(conn, limit=args.limit, subject=args.subject)
+    finally:
+        await conn.close()
+    for entry in reversed(entries):  # oldest first, like a log
+        details = " ".join(f"{k}={v}" for k, v in entry.details.items())
+        print(
+            f"{entry.id:>6} {entry.at.isoformat(timespec='seconds')} {entry.actor} "
+            f"{entry.action} {entry.subject} {details}".rstrip()
+        )
+    return 0
+
+
+def _add_partner_commands(commands: Any) -> None:
+    partners = commands.add_parser("partners", help="create, list, rotate, disable partners")
+    actions = partners.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a partner; prints its secret once")
+    create.add_argument("partner_id", help="lower-case letters, digits, - and _ (its scope)")
+    create.add_argument("--name", help="a display name (default: the id)")
+    create.add_argument("--public-key-file", help="PEM public key: the partner signs with RSA2")
+    create.add_argument("--rate-per-s", type=int, default=partner_store.RATE_PER_S_DEFAULT)
+    create.add_argument("--burst", type=int, default=partner_store.BURST_DEFAULT)
+    actions.add_parser("list", help="every partner, with its status and limits")
+    rotate = actions.add_parser("rotate", help="new credential; the old one lives on a while")
+    rotate.add_argument("partner_id")
+    rotate.add_argument(
+        "--overlap-s",
+        type=int,
+        default=partner_store.ROTATION_OVERLAP_S_DEFAULT,
+        help="how long the previous credential stays valid (0: revoke it now)",
+    )
+    rotate.add_argument("--public-key-file", help="the new PEM public key of an RSA2 partner")
+    for name, text in (("disable", "refuse its requests"), ("enable", "accept them again")):
+        actions.add_parser(name, help=text).add_argument("partner_id")
+    limits = actions.add_parser("limits", help="change a partner's rate limit")
+    limits.add_argument("partner_id")
+    limits.add_argument("--rate-per-s", type=int, required=True)
+    limits.add_argument("--burst", type=int, required=True)
+    audit_parser = commands.add_parser("audit", help="the audit log, oldest of the page first")
+    audit_parser.add_argument("--limit", type=int, default=100, choices=range(1, 1001), metavar="N")
+    audit_parser.add_argument("--subject", help="only entries about this partner or account")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="txengine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -452,6 +595,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="apply pending database migrations")
     commands.add_parser("reconcile", help="check every ledger invariant; exit 1 on a failure")
     _webhooks_parser(commands)
+    _add_partner_commands(commands)
     _add_risk_parser(commands)
     _add_fees_parser(commands)
     return parser
@@ -475,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
         with database(settings) as dsn:
             if args.command == "webhooks":
                 return uvloop.run(_webhook_secret(dsn, args))
+            if args.command == "partners":
+                return uvloop.run(_partners(dsn, args, settings))
+            if args.command == "audit":
+                return uvloop.run(_audit(dsn, args))
             if args.command == "fees":
                 return uvloop.run(_fees(dsn, args))
             if args.command == "risk":

@@ -47,10 +47,10 @@ _RETRYABLE: Final[tuple[tuple[type[EngineError], str], ...]] = (
 
 
 def caller_scope(request: web.Request) -> str:
-    """The caller whose accounts a request may see. Until partner authentication exists,
-    every caller shares the public scope."""
-    scope: str = request.get(SCOPE, "public")
-    return scope
+    """The partner whose accounts, transfers and idempotency keys a request may see:
+    the one that signed it (gateway/auth.py sets it on every /v1 request). Another
+    partner's ids are simply not found."""
+    return request[SCOPE]
 
 
 def problem_code_of(error: EngineError) -> str:

@@ -52,6 +52,11 @@ COMMIT_LATENCY: Final = Histogram(
     "Time to apply and commit one batch, retries included",
     buckets=_LATENCY_BUCKETS_S,
 )
+AUTH_REFUSALS: Final = Counter(
+    "txengine_auth_refusals_total",
+    "Requests to /v1 refused before they ran: failed authentication or rate limit",
+    ["code"],
+)
 RESULTS: Final = Counter(
     "txengine_command_results_total", "Engine commands by kind of result", ["result"]
 )

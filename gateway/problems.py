@@ -44,6 +44,16 @@ PROBLEM_TYPES: Final = _types(
     ProblemType("body_too_large", 413, "The request body is larger than allowed"),
     ProblemType("not_acceptable", 406, "This resource cannot be served in the accepted type"),
     ProblemType("unsupported_media_type", 415, "Send the body as application/json"),
+    ProblemType("request_timeout", 408, "The request did not arrive in time"),
+    # Not authenticated (gateway/auth.py): each names the check that failed.
+    ProblemType("missing_signature", 401, "The request is not signed"),
+    ProblemType("malformed_signature", 401, "A signature header is malformed"),
+    ProblemType("unknown_partner", 401, "No such partner"),
+    ProblemType("partner_disabled", 401, "The partner is disabled"),
+    ProblemType("stale_timestamp", 401, "The request's timestamp is too far from now"),
+    ProblemType("bad_signature", 401, "The signature does not match the request"),
+    ProblemType("replayed_nonce", 401, "The nonce was used before"),
+    ProblemType("rate_limited", 429, "Too many requests from this partner; retry later"),
     # The ledger said no: the request was valid, the money did not move.
     ProblemType(ResultCode.ACCOUNT_NOT_FOUND, 404, "No such account"),
     ProblemType(ResultCode.TRANSFER_NOT_FOUND, 404, "No such transfer"),
@@ -160,16 +170,27 @@ def problem_body(
     return problem_type.status, _ENCODER.encode(body)
 
 
+# RFC 9110: a 401 names the authentication scheme it wants.
+WWW_AUTHENTICATE: Final = 'TXENGINE-SIGNATURE realm="txengine"'
+
+
 def problem(
-    code: str, *, detail: str = "", instance: str | None = None, **extensions: Any
+    code: str,
+    *,
+    detail: str = "",
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
 ) -> web.Response:
     """An `application/problem+json` response for the problem type `code`."""
     status, body = problem_body(code, detail=detail, instance=instance, **extensions)
-    headers = {}
+    headers = dict(headers or {})
     if code in RETRY_AFTER_S:
-        headers["Retry-After"] = str(RETRY_AFTER_S[code])
+        headers.setdefault("Retry-After", str(RETRY_AFTER_S[code]))
     elif isinstance(extensions.get("retry_after_s"), int):
-        headers["Retry-After"] = str(extensions["retry_after_s"])
+        headers.setdefault("Retry-After", str(extensions["retry_after_s"]))
+    if status == 401:
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     return web.Response(
         status=status, body=body, content_type=PROBLEM_CONTENT_TYPE, headers=headers
     )
@@ -178,9 +199,17 @@ def problem(
 class ProblemError(Exception):
     """Raised inside a handler to answer with a problem; the middleware renders it."""
 
-    def __init__(self, code: str, *, detail: str = "", **extensions: Any) -> None:
+    def __init__(
+        self,
+        code: str,
+        *,
+        detail: str = "",
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
         assert code in PROBLEM_TYPES, code
         super().__init__(detail or code)
         self.code = code
         self.detail = detail
+        self.headers = headers or {}
         self.extensions = extensions

@@ -137,6 +137,8 @@ def decode_body(body: bytes, type_: type[T]) -> T:
         ) from None
     except msgspec.DecodeError as exc:
         raise ProblemError("invalid_json", detail=str(exc)) from None
+    except UnicodeDecodeError:  # msgspec lets this through for bytes that are not UTF-8
+        raise ProblemError("invalid_json", detail="the body is not UTF-8") from None
     return value
 
 

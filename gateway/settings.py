@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Final
 
 from engine import EngineConfig, LaneConfig
+from engine.partners import SECRET_KEY_FILE, load_or_create_key
 from engine.products.banks import CHANNEL_TYPES, BanksConfig, ChannelConfig
 
 ENV_PREFIX: Final = "TXENGINE_"
@@ -51,6 +52,17 @@ class Settings:
     # field is left out of repr), and how txengine is reached for callbacks.
     channels: dict[str, ChannelConfig] = dataclasses.field(repr=False)
     banks: BanksConfig
+    secret_key: str | None  # Fernet key sealing partner secrets; None: the data dir's file
+    header_timeout_s: float  # a request's headers must arrive within this (also idle time)
+    body_timeout_s: float  # a /v1 request's body must arrive within this after its headers
+
+    def master_key(self) -> bytes:
+        """The key partner secrets are sealed with: TXENGINE_SECRET_KEY, or else a key file
+        in the data directory, made on first use (fine for one host with the embedded
+        database; every host of a shared database needs the same TXENGINE_SECRET_KEY)."""
+        if self.secret_key:
+            return self.secret_key.encode()
+        return load_or_create_key(self.data_dir / SECRET_KEY_FILE)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -104,6 +116,12 @@ def from_env() -> Settings:
             request_timeout_s=float(_env("BANK_REQUEST_TIMEOUT_S", "5")),
             send_attempts_max=_int("BANK_SEND_ATTEMPTS_MAX", 3),
         ),
+        secret_key=os.environ.get("TXENGINE_SECRET_KEY") or None,
+        # aiohttp has no header timeout of its own; its keep-alive timer, which runs from
+        # the connection's start and from each answer, closes a connection whose next
+        # request has not fully arrived by then, which bounds a slow sender's hold.
+        header_timeout_s=float(_env("HEADER_TIMEOUT_S", "15")),
+        body_timeout_s=float(_env("BODY_TIMEOUT_S", "10")),
     )
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Final
 
+import orjson
 from aiohttp import web
 
-from engine import CreateAccount, InvalidCursor, Result
+from engine import CreateAccount, EngineError, InvalidCursor, Result, audit
 from engine.store import ENTRIES_PAGE_LIMIT_MAX
 from gateway.commands import ENGINE, caller_scope, submit
+from gateway.idempotency import REPLAYED_HEADER
 from gateway.problems import ProblemError
 from gateway.routes._request import page_cursor, page_limit, path_id, read_body
 from gateway.schemas import (
@@ -20,6 +23,7 @@ from gateway.schemas import (
 )
 
 ENTRIES_PAGE_LIMIT_DEFAULT: Final = 20
+_log = logging.getLogger("txengine.gateway")
 routes = web.RouteTableDef()
 
 
@@ -38,9 +42,32 @@ async def create_account(request: web.Request) -> web.Response:
         metadata=body.metadata,
         scope=caller_scope(request),
     )
-    return await submit(
+    response = await submit(
         request, command, operation="create_account", body=body, render=_render, status=201
     )
+    if response.status == 201 and REPLAYED_HEADER not in response.headers:
+        await _audit_opened(request, response)
+    return response
+
+
+async def _audit_opened(request: web.Request, response: web.Response) -> None:
+    """Record the opening in the audit log. After the fact, not in the engine's batch
+    (which knows nothing of partners): if the write fails the account exists unaudited,
+    and the failure is logged; the partner's answer is not held back for it."""
+    assert isinstance(response.body, bytes)
+    account = orjson.loads(response.body)
+    scope = caller_scope(request)
+    try:
+        async with request.app[ENGINE].reader() as conn:
+            await audit.append(
+                conn,
+                actor=f"partner:{scope}",
+                action="account.opened",
+                subject=account["id"],
+                details={"kind": account["kind"], "currency": account["currency"]},
+            )
+    except EngineError as error:
+        _log.warning("audit entry not written: %s", error, extra={"account": account["id"]})
 
 
 def _account_id(request: web.Request) -> int:

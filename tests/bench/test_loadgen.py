@@ -319,3 +319,33 @@ async def test_cli_in_two_processes(server: FakeServer, tmp_path: Path) -> None:
     assert doc["requests_sent"] == server.requests
     assert doc["requests_ok"] > 0
     assert len(set(server.keys)) == len(server.keys)
+
+
+def test_signed_requests_verify() -> None:
+    """With a partner, every request carries signature headers that the gateway's own
+    verifier accepts, each with its own nonce."""
+    from gateway import signing
+
+    secret = "sk_" + "s" * 40
+    gen = TransferRequests(
+        host="h", port=1, accounts=ACCOUNTS, key_prefix="run", seed=3, partner=("p1", secret)
+    )
+    nonces = set()
+    for _ in range(50):
+        head, body = gen.next().split(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "POST /v1/transfers HTTP/1.1"
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        parsed = signing.parse_headers(headers.get)
+        message = signing.canonical_request(
+            method="POST",
+            target="/v1/transfers",
+            partner_id=parsed.partner_id,
+            timestamp=parsed.timestamp,
+            nonce=parsed.nonce,
+            idempotency_key=headers["Idempotency-Key"],
+            body=body,
+        )
+        assert signing.verify_hmac([secret.encode()], message, parsed.signature)
+        nonces.add(parsed.nonce)
+    assert len(nonces) == 50

@@ -18,22 +18,31 @@ import asyncpg
 import jsonschema
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography.fernet import Fernet
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from engine import Engine, risk_settings
+from engine import partners as partner_store
 from engine.engine import utc_now
+from engine.partners import SecretBox
 from gateway import metrics
-from gateway.app import make_app
+from gateway.app import make_app, runner_options
 from gateway.openapi import document
 from gateway.problems import PROBLEM_TYPES
 from gateway.settings import from_env
+from gateway.signing import Signer
 from tests.conftest import TEST_ENGINE_CONFIG, with_database
 
 BODY_SIZE_MAX: Final = 16 * 1024
 UNKNOWN_ID: Final = "12345"  # ids carry a timestamp, so no id this small is ever issued
 AUTO: Final = object()  # a fresh Idempotency-Key
 _DOCUMENT_URI: Final = "urn:txengine:openapi"
+# One master key per test run; every served app and every partner made in tests use it.
+TEST_SECRET_KEY: Final = Fernet.generate_key().decode()
+DEFAULT_PARTNER: Final = "test-partner"
+# High enough that no test but the rate-limit ones ever meets it.
+TEST_RATE_PER_S: Final = 1_000_000
 
 
 @dataclasses.dataclass
@@ -51,10 +60,38 @@ class Reply:
         return str(self.headers.get("Content-Type", "")).split(";")[0].strip()
 
 
+async def add_partner(
+    engine: Engine,
+    partner_id: str,
+    *,
+    rate_per_s: int = TEST_RATE_PER_S,
+    burst: int = TEST_RATE_PER_S,
+) -> Signer:
+    """Create an HMAC partner in the engine's database and return its signer."""
+    async with engine.pool.acquire() as conn:
+        secret = await partner_store.create(
+            conn,
+            SecretBox(TEST_SECRET_KEY.encode()),
+            partner_id=partner_id,
+            name=partner_id,
+            actor="operator:tests",
+            rate_per_s=rate_per_s,
+            burst=burst,
+        )
+    assert secret is not None
+    return Signer.hmac(partner_id, secret)
+
+
 @dataclasses.dataclass
 class Api:
+    """A client of the served app that signs every request as `signer`'s partner."""
+
     client: TestClient
     engine: Engine
+    signer: Signer
+
+    def as_partner(self, signer: Signer) -> Api:
+        return dataclasses.replace(self, signer=signer)
 
     async def call(
         self,
@@ -66,15 +103,25 @@ class Api:
         key: Any = AUTO,
         headers: dict[str, str] | None = None,
         content_type: str = "application/json",
+        sign: bool = True,
     ) -> Reply:
-        sent = dict(headers or {})
+        """Send a request, signed unless `sign` is false; `headers` are sent as given and
+        override the signature's (to test forgeries)."""
+        sent: dict[str, str] = {}
         if key is AUTO:
             key = uuid.uuid4().hex
         if key is not None and method == "POST":
             sent["Idempotency-Key"] = key
         data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         if data is not None:
-            sent.setdefault("Content-Type", content_type)
+            sent["Content-Type"] = content_type
+        if sign:
+            target = self.client.make_url(path).raw_path_qs
+            signed_key = sent.get("Idempotency-Key", "")
+            sent.update(
+                self.signer.headers(method, target, data or b"", idempotency_key=signed_key)
+            )
+        sent.update(headers or {})
         async with self.client.request(method, path, data=data, headers=sent) as response:
             return Reply(response.status, response.headers, await response.read())
 
@@ -165,19 +212,45 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def serving(dsn: str, *, clock: Callable[[], datetime] | None = None) -> AsyncIterator[Api]:
-    """The app on a fresh engine; `clock` drives the engine's time (default: the wall's)."""
+async def serving(
+    dsn: str, *, clock: Callable[[], datetime] | None = None, **settings_changes: Any
+) -> AsyncIterator[Api]:
+    """A served app on `dsn`, and a client signing as the default test partner (made if
+    this database has none yet, so several apps can serve one database); `clock` drives
+    the engine's time (default: the wall's)."""
     engine = await Engine.open(
         dsn, config=TEST_ENGINE_CONFIG, observer=metrics.EngineMetrics(), clock=clock or utc_now
     )
-    settings = dataclasses.replace(from_env(), access_log=False, body_size_max_bytes=BODY_SIZE_MAX)
-    client = TestClient(TestServer(make_app(engine, settings)))
+    settings = dataclasses.replace(
+        from_env(),
+        access_log=False,
+        body_size_max_bytes=BODY_SIZE_MAX,
+        secret_key=TEST_SECRET_KEY,
+        **settings_changes,
+    )
+    server = TestServer(make_app(engine, settings))
+    # TestServer passes server options on from start_server only; TestClient's own
+    # start_server then finds it started.
+    await server.start_server(**runner_options(settings))
+    client = TestClient(server)
     await client.start_server()
     try:
-        yield Api(client, engine)
+        yield Api(client, engine, await default_signer(engine))
     finally:
         await client.close()
         await engine.close()
+
+
+async def default_signer(engine: Engine) -> Signer:
+    async with engine.pool.acquire() as conn:
+        sealed = await conn.fetchval(
+            "SELECT secret_sealed FROM partner_credentials WHERE partner_id = $1 AND version = 1",
+            DEFAULT_PARTNER,
+        )
+    if sealed is None:
+        return await add_partner(engine, DEFAULT_PARTNER)
+    secret = SecretBox(TEST_SECRET_KEY.encode()).open(sealed).decode()
+    return Signer.hmac(DEFAULT_PARTNER, secret)
 
 
 async def make_world(api: Api) -> World:

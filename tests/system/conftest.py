@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.system.support import ServerProcess, StartServer, free_port
+from tests.system.support import ServerProcess, StartServer, ensure_partner, free_port
 
 _SERVERS = pytest.StashKey[list[ServerProcess]]()
 
@@ -42,6 +42,7 @@ async def start_server(
             log_path=tmp_path / f"server-{len(servers)}.log",
         )
         servers.append(server)
+        await ensure_partner(server.dsn)
         server.start()
         await server.wait_ready()
         return server

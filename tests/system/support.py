@@ -20,6 +20,11 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from cryptography.fernet import Fernet
+
+from engine import partners as partner_store
+from engine.partners import SecretBox
+from gateway.signing import Signer, aiohttp_middleware
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 30.0
@@ -34,9 +39,44 @@ def free_port() -> int:
         return port
 
 
+# The partner every system test signs as, with a secret fixed for the run so that any
+# session can sign without knowing which database its server uses.
+SYSTEM_PARTNER = "system-tests"
+SYSTEM_SECRET_KEY = Fernet.generate_key().decode()
+SYSTEM_SECRET = partner_store.new_secret()
+SIGNER = Signer.hmac(SYSTEM_PARTNER, SYSTEM_SECRET)
+SYSTEM_RATE_PER_S = 1_000_000
+
+
+def signed_session(**options: Any) -> aiohttp.ClientSession:
+    """An aiohttp session whose every request is signed as the system-test partner."""
+    return aiohttp.ClientSession(middlewares=(aiohttp_middleware(SIGNER),), **options)
+
+
+async def ensure_partner(dsn: str) -> None:
+    """Create the system-test partner in `dsn` unless it is there already."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        if await conn.fetchval("SELECT 1 FROM partners WHERE id = $1", SYSTEM_PARTNER):
+            return
+        await partner_store.create(
+            conn,
+            SecretBox(SYSTEM_SECRET_KEY.encode()),
+            partner_id=SYSTEM_PARTNER,
+            name="system tests",
+            actor="operator:tests",
+            rate_per_s=SYSTEM_RATE_PER_S,
+            burst=SYSTEM_RATE_PER_S,
+            secret=SYSTEM_SECRET,
+        )
+    finally:
+        await conn.close()
+
+
 def server_env(dsn: str) -> dict[str, str]:
     return {
         **os.environ,
+        "TXENGINE_SECRET_KEY": SYSTEM_SECRET_KEY,
         "TXENGINE_DATABASE_URL": dsn,
         "TXENGINE_AUTO_MIGRATE": "0",
         "TXENGINE_ACCESS_LOG": "0",
@@ -97,7 +137,7 @@ class ServerProcess:
         ready: set[int] = set()
         connector = aiohttp.TCPConnector(force_close=True)
         timeout = aiohttp.ClientTimeout(total=2)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with signed_session(connector=connector, timeout=timeout) as session:
             while len(ready) < self.workers:
                 code = self.returncode()
                 if code is not None:
@@ -270,7 +310,7 @@ async def healthz_pids(base_url: str, *, want: int) -> set[int]:
     """Pids that answer /healthz, each probe on a new connection, until `want` are seen."""
     pids: set[int] = set()
     connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with signed_session(connector=connector) as session:
         for _ in range(HEALTHZ_PROBES_MAX // 20):
             probes = [get_json(session, f"{base_url}/healthz") for _ in range(20)]
             for status, body in await asyncio.gather(*probes):
@@ -317,7 +357,7 @@ async def create_account(session: aiohttp.ClientSession, base_url: str, kind: st
 
 
 async def open_ledger(base_url: str, *, users: int, funding_minor: int) -> Ledger:
-    async with aiohttp.ClientSession() as session:
+    async with signed_session() as session:
         system = await create_account(session, base_url, "system")
         user_ids = [await create_account(session, base_url, "user") for _ in range(users)]
         transfer_ids = []
@@ -340,7 +380,7 @@ async def open_ledger(base_url: str, *, users: int, funding_minor: int) -> Ledge
 
 async def posted_balances(base_url: str, account_ids: list[str]) -> dict[str, int]:
     balances = {}
-    async with aiohttp.ClientSession() as session:
+    async with signed_session() as session:
         for account_id in account_ids:
             status, body = await get_json(session, f"{base_url}/v1/accounts/{account_id}")
             assert status == 200, body
@@ -368,7 +408,7 @@ async def check_transfers_exist(base_url: str, accepted: list[dict[str, Any]]) -
             assert status == 200, (transfer, body)
             assert body == transfer, (body, transfer)
 
-    async with aiohttp.ClientSession() as session:
+    async with signed_session() as session:
         await asyncio.gather(*(reader(session) for _ in range(8)))
 
 

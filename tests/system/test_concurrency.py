@@ -31,6 +31,7 @@ from tests.system.support import (
     post_until_definite,
     posted_balances,
     reconcile,
+    signed_session,
     transfer_body,
     transfer_ids_in_database,
 )
@@ -86,7 +87,7 @@ async def run_client(
     base_url: str, plans: list[Planned], outcomes: dict[str, Outcome], rng: random.Random
 ) -> None:
     url = f"{base_url}/v1/transfers"
-    async with aiohttp.ClientSession() as session:
+    async with signed_session() as session:
         for plan in plans:
             cut_answer = None
             if plan.mode == "cut":
@@ -195,7 +196,7 @@ async def test_one_key_racing_on_two_workers_applies_once(
     payer, payee = ledger.users
     url = f"{server.url}/v1/transfers"
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    sessions = [aiohttp.ClientSession(timeout=timeout) for _ in range(RACE_CLIENTS)]
+    sessions = [signed_session(timeout=timeout) for _ in range(RACE_CLIENTS)]
     try:
         # One open connection per client, so that the racing requests leave together;
         # between them the connections reach both workers.

@@ -36,6 +36,7 @@ from tests.system.support import (
     post_until_definite,
     posted_balances,
     reconcile,
+    signed_session,
     transfer_body,
     transfer_ids_in_database,
 )
@@ -91,7 +92,7 @@ async def drive(base_url: str, load: Load, rng: random.Random, client: int) -> N
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     url = f"{base_url}/v1/transfers"
     connector = aiohttp.TCPConnector(force_close=client % 2 == 1)
-    async with aiohttp.ClientSession(
+    async with signed_session(
         connector=connector, trace_configs=[trace], timeout=timeout
     ) as session:
         n = 0
@@ -136,7 +137,7 @@ async def churn(base_url: str, load: Load) -> None:
     or `load.stop`: connections are being accepted at every moment of a stop."""
     connector = aiohttp.TCPConnector(force_close=True)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with signed_session(connector=connector, timeout=timeout) as session:
         while not load.stop.is_set():
             try:
                 async with session.get(f"{base_url}/healthz") as response:
@@ -185,7 +186,7 @@ async def retry_every_key_and_check(server: ServerProcess, load: Load, dsn: str)
             else:
                 replays[key] = answer
 
-    async with aiohttp.ClientSession() as session:
+    async with signed_session() as session:
         await asyncio.gather(*(retrier(session) for _ in range(RETRY_CONCURRENCY)))
 
     # Answers given before the stop were durable: the same key gives them back.
