@@ -213,11 +213,15 @@ class World:
 
 @contextlib.asynccontextmanager
 async def serving(
-    dsn: str, *, clock: Callable[[], datetime] | None = None, **settings_changes: Any
+    dsn: str,
+    *,
+    clock: Callable[[], datetime] | None = None,
+    port: int = 0,
+    **settings_changes: Any,
 ) -> AsyncIterator[Api]:
     """A served app on `dsn`, and a client signing as the default test partner (made if
     this database has none yet, so several apps can serve one database); `clock` drives
-    the engine's time (default: the wall's)."""
+    the engine's time (default: the wall's); `port` 0 is any free one."""
     engine = await Engine.open(
         dsn, config=TEST_ENGINE_CONFIG, observer=metrics.EngineMetrics(), clock=clock or utc_now
     )
@@ -228,7 +232,7 @@ async def serving(
         secret_key=TEST_SECRET_KEY,
         **settings_changes,
     )
-    server = TestServer(make_app(engine, settings))
+    server = TestServer(make_app(engine, settings), port=port)
     # TestServer passes server options on from start_server only; TestClient's own
     # start_server then finds it started.
     await server.start_server(**runner_options(settings))

@@ -16,16 +16,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from banksim import BankSimulator, Order, SimConfig
-from engine import Engine
 from engine.products import channels
 from engine.reconcile import reconcile
-from gateway.app import make_app
 from gateway.routes.channels import BANKS
 from gateway.settings import from_env
-from tests.conftest import TEST_ENGINE_CONFIG
 from tests.gateway.support import (
     UNKNOWN_ID,
     Api,
@@ -34,6 +30,7 @@ from tests.gateway.support import (
     validate_request,
     validate_response,
 )
+from tests.gateway.support import serving as served
 
 CALLBACK = "/v1/channels/{channel}/callbacks"
 
@@ -153,27 +150,19 @@ class Setup:
 @contextlib.asynccontextmanager
 async def serving(dsn: str, clock: Clock, bank_url: str, *, port: int = 0) -> AsyncIterator[Api]:
     """txengine on a real engine with the test's clock, its channels at `bank_url`."""
-    engine = await Engine.open(dsn, config=TEST_ENGINE_CONFIG, clock=clock)
-    settings = from_env()
-    settings = dataclasses.replace(
-        settings,
-        access_log=False,
-        channels={
-            name: dataclasses.replace(config, base_url=bank_url)
-            for name, config in settings.channels.items()
-        },
-        banks=dataclasses.replace(settings.banks, request_timeout_s=2.0, retry_backoff_s=0.01),
-    )
-    app = make_app(engine, settings)
-    client = TestClient(TestServer(app, port=port))
-    await client.start_server()
-    banks = app[BANKS]
-    banks.config = dataclasses.replace(banks.config, callback_base_url=str(client.make_url("")))
-    try:
-        yield Api(client, engine)
-    finally:
-        await client.close()
-        await engine.close()
+    defaults = from_env()
+    channels = {
+        name: dataclasses.replace(config, base_url=bank_url)
+        for name, config in defaults.channels.items()
+    }
+    banks = dataclasses.replace(defaults.banks, request_timeout_s=2.0, retry_backoff_s=0.01)
+    async with served(dsn, clock=clock, port=port, channels=channels, banks=banks) as api:
+        app = api.client.server.app
+        callback_base_url = str(api.client.make_url(""))
+        app[BANKS].config = dataclasses.replace(
+            app[BANKS].config, callback_base_url=callback_base_url
+        )
+        yield api
 
 
 @contextlib.asynccontextmanager
