@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Final
 
 from engine import EngineConfig, LaneConfig
+from engine.history import HistoryConfig
+from engine.sweeper import SweeperConfig
 
 ENV_PREFIX: Final = "TXENGINE_"
 
@@ -44,6 +46,9 @@ class Settings:
     log_level: str
     sweeper: bool
     shutdown_timeout_s: float
+    partition_span_days: int
+    history_retention_days: int  # 0: keep all history online
+    archive_dir: Path | None  # None: archived partitions stay in the `archive` schema
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -56,6 +61,15 @@ class Settings:
                 statement_timeout_ms=self.statement_timeout_ms,
             ),
             idempotency_retention_s=self.idempotency_retention_s,
+        )
+
+    def sweeper_config(self) -> SweeperConfig:
+        return SweeperConfig(
+            history=HistoryConfig(
+                partition_span_days=self.partition_span_days,
+                retention_days=self.history_retention_days or None,
+                archive_dir=self.archive_dir,
+            )
         )
 
 
@@ -86,4 +100,7 @@ def from_env() -> Settings:
         log_level=_env("LOG_LEVEL", "INFO"),
         sweeper=_bool("SWEEPER", True),
         shutdown_timeout_s=float(_env("SHUTDOWN_TIMEOUT_S", "30")),
+        partition_span_days=_int("PARTITION_SPAN_DAYS", 7),
+        history_retention_days=_int("HISTORY_RETENTION_DAYS", 90),
+        archive_dir=Path(_env("ARCHIVE_DIR", "")).resolve() if _env("ARCHIVE_DIR", "") else None,
     )
