@@ -150,7 +150,7 @@ async def totals(conn: asyncpg.Connection) -> dict[str, int]:
                   (SELECT count(*) FROM transfers) AS transfers,
                   (SELECT count(*) FROM entries) AS entries,
                   (SELECT count(*) FROM transfers WHERE status = 'pending') AS open_holds,
-                  (SELECT coalesce(sum(transfers), 0) FROM history_partitions
+                  (SELECT coalesce(sum(transfers), 0)::bigint FROM history_partitions
                    WHERE state <> 'attached') AS archived_transfers"""
     )
     assert row is not None
