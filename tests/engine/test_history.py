@@ -3,8 +3,10 @@ keeps checking every balance against archived totals plus the entries online."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import itertools
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -232,6 +234,95 @@ async def test_run_once_is_bounded_and_resumes(dsn: str, tmp_path: Path) -> None
             if p["upper_id"] <= id_at(NOW - timedelta(days=90))
         ]
         assert set(states) == {"exported"}
+        await _assert_reconciles(conn)
+    finally:
+        await conn.close()
+
+
+async def test_migration_keeps_the_rows_of_an_unpartitioned_ledger(server_dsn: str) -> None:
+    """A database on schema 1 with history gets it all back, partitioned, from 0002."""
+    from engine.database import load_migrations
+    from tests.conftest import with_database
+
+    name = f"history_upgrade_{os.getpid()}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(with_database(server_dsn, name))
+    try:
+        first, second = load_migrations()[:2]
+        await conn.execute(first.sql)
+        # A small ledger written the way the engine writes: one transfer, two entries.
+        t = id_at(NOW - timedelta(days=3))
+        ledger = """
+            INSERT INTO accounts (id, currency, kind, overdraft_allowed, scope, created_at,
+                                  debits_posted, credits_posted)
+            VALUES (1, 'CNY', 'system', true, 's', now(), 70, 0),
+                   (2, 'CNY', 'user', false, 's', now(), 0, 70);
+            INSERT INTO transfers (id, debit_account_id, credit_account_id, currency,
+                amount_minor, posted_amount_minor, status, pending, scope, created_at)
+            VALUES (:t, 1, 2, 'CNY', 70, 70, 'posted', false, 's', now());
+            INSERT INTO entries VALUES (1, :t + 1, :t, 'transfer', -70, 0, -70, 0, now()),
+                                       (2, :t + 2, :t, 'transfer', 70, 0, 70, 0, now());"""
+        await conn.execute(ledger.replace(":t", str(t)))
+        await conn.execute(second.sql)
+        assert await conn.fetchval("SELECT count(*) FROM transfers") == 1
+        assert await conn.fetchval("SELECT count(*) FROM entries") == 2
+        assert (
+            await conn.fetchval("SELECT relkind FROM pg_class WHERE relname = 'transfers'") == b"p"
+        )
+        assert await conn.fetchval("SELECT to_regclass('transfers_unpartitioned')") is None
+        holder = await conn.fetchval(
+            "SELECT name FROM history_partitions WHERE lower_id <= $1 AND $1 < upper_id", t
+        )
+        assert await conn.fetchval(f"SELECT count(*) FROM transfers_{holder}") == 1
+        await conn.execute("CREATE TABLE schema_migrations (version int, name text)")
+        await _assert_reconciles(conn)
+    finally:
+        await conn.close()
+
+
+async def test_archiving_under_load_loses_nothing(dsn: str, engine: Engine) -> None:
+    """Transfers keep committing while a partition is detached; whichever waits, every
+    transfer is answered, and the ledger reconciles."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await partition_past(conn, since=NOW - timedelta(days=80), span_days=7)
+        old = await load_history(
+            conn,
+            users=10,
+            transfers=500,
+            start=NOW - timedelta(days=70),
+            end=NOW - timedelta(days=60),
+            scope=SCOPE,
+        )
+        bank = await new_account(engine, AccountKind.SYSTEM)
+        users = [await new_account(engine) for _ in range(4)]
+        for user in users:
+            assert (await move(engine, bank, user, 10_000, idempotency=key())).ok
+
+        async def pay(i: int) -> bool:
+            debit, credit = users[i % 4], users[(i + 1) % 4]
+            payer = old.user_ids[i % 10] if i % 3 == 0 else debit
+            payee = old.user_ids[(i + 1) % 10] if i % 3 == 0 else credit
+            return (await move(engine, payer, payee, 1, idempotency=key())).ok
+
+        horizon = id_at(NOW - timedelta(days=30))
+        results = await asyncio.gather(
+            *(pay(i) for i in range(300)),
+            archive_before(conn, horizon, limit=100, lock_timeout_ms=2000),
+            *(pay(i) for i in range(300, 600)),
+        )
+        archived, blocked = results[300]
+        assert all(results[:300]) and all(results[301:])
+        # Archived, or refused for the locks it could not get in time: never half done.
+        assert archived or (blocked is not None and "locks" in blocked)
+        if not archived:
+            archived, blocked = await archive_before(conn, horizon, limit=100, lock_timeout_ms=2000)
+            assert archived, blocked
         await _assert_reconciles(conn)
     finally:
         await conn.close()
