@@ -7,11 +7,13 @@ time-ordered, so each partition holds a span of days. `run_once` is one bounded 
 1. create partitions so that `partitions_ahead` spans beyond now exist (writes never find
    their partition missing while the sweeper runs);
 2. archive at most `partitions_per_run_max` partitions whose span ended more than
-   `retention_days` ago. In one transaction, under a short lock_timeout: add what the
-   partition held to archived_account_totals, DETACH both partitions and move them to the
-   `archive` schema. Balances live on accounts and every entry carries the balance after
-   it, so nothing online needs the old rows; reconcile checks balances against archived
-   totals plus the entries still online;
+   `retention_days` ago: write what the partition holds per account into
+   archived_account_totals (rows that count only once it is detached), then, in one
+   short transaction under a short lock_timeout, DETACH both partitions, move them to the
+   `archive` schema and mark them archived. Later runs fold those rows into one per
+   account. Balances live on accounts and every entry carries the balance after it, so
+   nothing online needs the old rows; reconcile checks balances against archived totals
+   plus the entries still online;
 3. when `archive_dir` is set, export archived partitions to CSV files there (written to a
    temporary name, fsynced, renamed), then drop them from the database.
 
@@ -102,6 +104,7 @@ async def run_once(
             limit=config.partitions_per_run_max,
             lock_timeout_ms=config.lock_timeout_ms,
         )
+    await fold_totals(conn, limit=config.partitions_per_run_max)
     exported: list[str] = []
     if config.archive_dir is not None:
         exported = await export_archived(
@@ -178,10 +181,10 @@ async def archive_before(
 ) -> tuple[list[str], str | None]:
     """Archive up to `limit` attached partitions wholly below `horizon_id`, oldest first.
 
-    Returns the names archived and, if it stopped at an open hold, why.
+    Returns the names archived and, if it stopped at an open hold or a lock, why.
     """
     rows = await conn.fetch(
-        """SELECT name, lower_id, upper_id FROM history_partitions
+        """SELECT name FROM history_partitions
            WHERE state = 'attached' AND upper_id <= $1 ORDER BY lower_id LIMIT $2""",
         horizon_id,
         limit,
@@ -190,11 +193,11 @@ async def archive_before(
     for row in rows:
         name = row["name"]
         # Rows of a partition without open holds never change again (new ids are minted
-        # after the horizon), so its totals can be summed before taking any lock.
+        # after the horizon), so everything is summed and counted before any lock.
         if await _open_hold(conn, name) is not None:
             return archived, f"partition {name} holds an open hold"
-        totals = await _partition_totals(conn, name)
-        refused = await _detach(conn, name, totals, lock_timeout_ms=lock_timeout_ms)
+        transfers, entries = await _stage_totals(conn, name)
+        refused = await _detach(conn, name, transfers, entries, lock_timeout_ms=lock_timeout_ms)
         if refused is not None:
             return archived, f"partition {name}: {refused}; retrying next run"
         archived.append(name)
@@ -208,48 +211,94 @@ async def _open_hold(conn: asyncpg.Connection, name: str) -> int | None:
     return hold
 
 
-@dataclasses.dataclass
-class _Totals:
-    entries: int = 0
-    posted: int = 0
-    pending: int = 0
-    debited: int = 0
-    credited: int = 0
-
-
-async def _partition_totals(conn: asyncpg.Connection, name: str) -> dict[int, _Totals]:
-    totals: dict[int, _Totals] = {}
-    entries = await conn.fetch(
-        f"""SELECT account_id, count(*) AS n, sum(posted_delta_minor) AS posted,
-                   sum(pending_delta_minor) AS pending
-            FROM {_ident("entries_" + name)} GROUP BY account_id"""
-    )
-    for row in entries:
-        t = totals.setdefault(row["account_id"], _Totals())
-        t.entries, t.posted, t.pending = row["n"], row["posted"], row["pending"]
-    transfers = _ident("transfers_" + name)
-    moved = await conn.fetch(
-        f"""SELECT debit_account_id AS id, sum(posted_amount_minor) AS minor, true AS debit
-            FROM {transfers} GROUP BY 1
-            UNION ALL
-            SELECT credit_account_id, sum(posted_amount_minor), false
-            FROM {transfers} GROUP BY 1"""
-    )
-    for row in moved:
-        t = totals.setdefault(row["id"], _Totals())
-        if row["debit"]:
-            t.debited = row["minor"]
-        else:
-            t.credited = row["minor"]
-    return totals
-
-
-_ADD_TOTALS: Final = """
-INSERT INTO archived_account_totals AS a (account_id, entries, posted_delta_minor,
+# Per account of one partition: its entries (count, deltas) and the amounts its transfers
+# posted as debit and as credit. $1 is the partition's name.
+_STAGE_TOTALS: Final = """
+INSERT INTO archived_account_totals (partition_name, account_id, entries, posted_delta_minor,
     pending_delta_minor, transfers_debited_minor, transfers_credited_minor)
-SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                     $6::bigint[])
-ON CONFLICT (account_id) DO UPDATE SET
+SELECT $1, account_id, sum(n), sum(posted), sum(pending), sum(debited), sum(credited)
+FROM (
+    SELECT account_id, count(*) AS n, sum(posted_delta_minor) AS posted,
+           sum(pending_delta_minor) AS pending, 0 AS debited, 0 AS credited
+    FROM {entries} GROUP BY account_id
+    UNION ALL
+    SELECT debit_account_id, 0, 0, 0, sum(posted_amount_minor), 0 FROM {transfers} GROUP BY 1
+    UNION ALL
+    SELECT credit_account_id, 0, 0, 0, 0, sum(posted_amount_minor) FROM {transfers} GROUP BY 1
+) u
+GROUP BY account_id
+"""
+
+
+async def _stage_totals(conn: asyncpg.Connection, name: str) -> tuple[int, int]:
+    """Write the partition's per-account totals (ignored while it is attached); return
+    how many transfers and entries it holds. Redone from scratch if run again."""
+    transfers, entries = _ident("transfers_" + name), _ident("entries_" + name)
+    async with conn.transaction():
+        await conn.execute("DELETE FROM archived_account_totals WHERE partition_name = $1", name)
+        await conn.execute(_STAGE_TOTALS.format(entries=entries, transfers=transfers), name)
+        counts = await conn.fetchrow(
+            f"""SELECT (SELECT count(*) FROM {transfers}) AS transfers,
+                       (SELECT coalesce(sum(entries), 0) FROM archived_account_totals
+                        WHERE partition_name = $1)::bigint AS entries""",
+            name,
+        )
+    assert counts is not None
+    return counts["transfers"], counts["entries"]
+
+
+async def _detach(
+    conn: asyncpg.Connection, name: str, transfers: int, entries: int, *, lock_timeout_ms: int
+) -> str | None:
+    """Detach the partition pair into the archive schema, making its staged totals count,
+    in one short transaction; else say why not.
+
+    DETACH also touches accounts (the partitions' foreign keys get triggers of their
+    own there), and the write path locks accounts and transfers in either order, so a
+    detach can deadlock with a batch: PostgreSQL then aborts one of the two, the lane
+    retries its batch, and this gives up until the next run, as on a lock timeout.
+    """
+    transfers_table, entries_table = _ident("transfers_" + name), _ident("entries_" + name)
+    try:
+        async with conn.transaction():
+            # DETACH needs the parents exclusively: a short wait, then give up and retry,
+            # rather than queue the whole write path behind us. Nothing slow runs while
+            # the lock is held: the sums and counts were made before.
+            await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+            await conn.execute("LOCK TABLE transfers, entries IN ACCESS EXCLUSIVE MODE")
+            # Nothing can write now; an open hold found here means one was created since.
+            if await _open_hold(conn, name) is not None:
+                raise _HoldAppeared(name)
+            await conn.execute(f"ALTER TABLE transfers DETACH PARTITION {transfers_table}")
+            await conn.execute(f"ALTER TABLE entries DETACH PARTITION {entries_table}")
+            await conn.execute(f"ALTER TABLE {transfers_table} SET SCHEMA {ARCHIVE_SCHEMA}")
+            await conn.execute(f"ALTER TABLE {entries_table} SET SCHEMA {ARCHIVE_SCHEMA}")
+            await conn.execute(
+                """UPDATE history_partitions SET state = 'archived', transfers = $2,
+                          entries = $3, archived_at = now() WHERE name = $1""",
+                name,
+                transfers,
+                entries,
+            )
+    except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
+        return f"the write path kept its locks ({type(exc).__name__})"
+    except _HoldAppeared:
+        return "an open hold appeared"
+    return None
+
+
+_FOLD: Final = """
+WITH moved AS (
+    DELETE FROM archived_account_totals WHERE partition_name = $1
+    RETURNING account_id, entries, posted_delta_minor, pending_delta_minor,
+              transfers_debited_minor, transfers_credited_minor
+)
+INSERT INTO archived_account_totals AS a (partition_name, account_id, entries,
+    posted_delta_minor, pending_delta_minor, transfers_debited_minor, transfers_credited_minor)
+SELECT '*', account_id, entries, posted_delta_minor, pending_delta_minor,
+       transfers_debited_minor, transfers_credited_minor
+FROM moved
+ON CONFLICT (partition_name, account_id) DO UPDATE SET
     entries = a.entries + excluded.entries,
     posted_delta_minor = a.posted_delta_minor + excluded.posted_delta_minor,
     pending_delta_minor = a.pending_delta_minor + excluded.pending_delta_minor,
@@ -258,57 +307,23 @@ ON CONFLICT (account_id) DO UPDATE SET
 """
 
 
-async def _detach(
-    conn: asyncpg.Connection, name: str, totals: dict[int, _Totals], *, lock_timeout_ms: int
-) -> str | None:
-    """Move the partition pair out and its totals in, atomically; else say why not.
-
-    DETACH also touches accounts (the partitions' foreign keys get triggers of their
-    own there), and the write path locks accounts and transfers in either order, so a
-    detach can deadlock with a batch: PostgreSQL then aborts one of the two, the lane
-    retries its batch, and this gives up until the next run, as on a lock timeout.
-    """
-    transfers, entries = _ident("transfers_" + name), _ident("entries_" + name)
-    ids = sorted(totals)
-    try:
+async def fold_totals(conn: asyncpg.Connection, *, limit: int) -> list[str]:
+    """Add the totals of up to `limit` archived partitions into one row per account, so
+    the totals table grows with the accounts, not with the partitions archived."""
+    names = await conn.fetch(
+        """SELECT name FROM history_partitions
+           WHERE state <> 'attached' AND NOT totals_folded ORDER BY lower_id LIMIT $1""",
+        limit,
+    )
+    folded = []
+    for row in names:
         async with conn.transaction():
-            # DETACH needs the parents exclusively: a short wait, then give up and retry,
-            # rather than queue the whole write path behind us.
-            await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
-            await conn.execute("LOCK TABLE transfers, entries IN ACCESS EXCLUSIVE MODE")
-            # Nothing can write now; an open hold found here means one was created since.
-            if await _open_hold(conn, name) is not None:
-                raise _HoldAppeared(name)
+            await conn.execute(_FOLD, row["name"])
             await conn.execute(
-                _ADD_TOTALS,
-                ids,
-                [totals[i].entries for i in ids],
-                [totals[i].posted for i in ids],
-                [totals[i].pending for i in ids],
-                [totals[i].debited for i in ids],
-                [totals[i].credited for i in ids],
+                "UPDATE history_partitions SET totals_folded = true WHERE name = $1", row["name"]
             )
-            counts = await conn.fetchrow(
-                f"""SELECT (SELECT count(*) FROM {transfers}) AS transfers,
-                           (SELECT count(*) FROM {entries}) AS entries"""
-            )
-            assert counts is not None
-            await conn.execute(f"ALTER TABLE transfers DETACH PARTITION {transfers}")
-            await conn.execute(f"ALTER TABLE entries DETACH PARTITION {entries}")
-            await conn.execute(f"ALTER TABLE {transfers} SET SCHEMA {ARCHIVE_SCHEMA}")
-            await conn.execute(f"ALTER TABLE {entries} SET SCHEMA {ARCHIVE_SCHEMA}")
-            await conn.execute(
-                """UPDATE history_partitions SET state = 'archived', transfers = $2,
-                          entries = $3, archived_at = now() WHERE name = $1""",
-                name,
-                counts["transfers"],
-                counts["entries"],
-            )
-    except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
-        return f"the write path kept its locks ({type(exc).__name__})"
-    except _HoldAppeared:
-        return "an open hold appeared"
-    return None
+        folded.append(row["name"])
+    return folded
 
 
 class _HoldAppeared(Exception):

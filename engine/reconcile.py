@@ -13,6 +13,18 @@ import asyncpg
 
 VIOLATIONS_SHOWN_MAX: Final = 20
 
+# Per account, what archived history added up to (engine.history): the folded '*' rows
+# and the rows of partitions already detached; rows staged for a partition still
+# attached do not count yet, its rows being online.
+_ARCHIVED: Final = """(SELECT z.account_id, sum(z.posted_delta_minor) AS posted_delta_minor,
+                   sum(z.pending_delta_minor) AS pending_delta_minor,
+                   sum(z.transfers_debited_minor) AS transfers_debited_minor,
+                   sum(z.transfers_credited_minor) AS transfers_credited_minor
+            FROM archived_account_totals z
+            LEFT JOIN history_partitions h ON h.name = z.partition_name
+            WHERE z.partition_name = '*' OR h.state <> 'attached'
+            GROUP BY z.account_id)"""
+
 CHECKS: Final[tuple[tuple[str, str], ...]] = (
     (
         "balances of each currency sum to zero",
@@ -24,7 +36,7 @@ CHECKS: Final[tuple[tuple[str, str], ...]] = (
     ),
     (
         "every balance equals the sum of its entries",
-        """SELECT a.id, a.credits_posted - a.debits_posted AS posted,
+        f"""SELECT a.id, a.credits_posted - a.debits_posted AS posted,
                   coalesce(e.posted, 0) + coalesce(z.posted_delta_minor, 0) AS entries_posted,
                   a.credits_pending - a.debits_pending AS pending,
                   coalesce(e.pending, 0) + coalesce(z.pending_delta_minor, 0) AS entries_pending
@@ -32,7 +44,7 @@ CHECKS: Final[tuple[tuple[str, str], ...]] = (
            LEFT JOIN (SELECT account_id, sum(posted_delta_minor) AS posted,
                              sum(pending_delta_minor) AS pending
                       FROM entries GROUP BY account_id) e ON e.account_id = a.id
-           LEFT JOIN archived_account_totals z ON z.account_id = a.id
+           LEFT JOIN {_ARCHIVED} z ON z.account_id = a.id
            WHERE a.credits_posted - a.debits_posted
                      <> coalesce(e.posted, 0) + coalesce(z.posted_delta_minor, 0)
               OR a.credits_pending - a.debits_pending
@@ -67,7 +79,7 @@ CHECKS: Final[tuple[tuple[str, str], ...]] = (
     ),
     (
         "posted totals equal the posted transfers",
-        """SELECT a.id, a.debits_posted,
+        f"""SELECT a.id, a.debits_posted,
                   coalesce(d.moved, 0) + coalesce(z.transfers_debited_minor, 0)
                       AS transfers_debited,
                   a.credits_posted,
@@ -78,7 +90,7 @@ CHECKS: Final[tuple[tuple[str, str], ...]] = (
                       FROM transfers GROUP BY 1) d ON d.id = a.id
            LEFT JOIN (SELECT credit_account_id AS id, sum(posted_amount_minor) AS moved
                       FROM transfers GROUP BY 1) c ON c.id = a.id
-           LEFT JOIN archived_account_totals z ON z.account_id = a.id
+           LEFT JOIN {_ARCHIVED} z ON z.account_id = a.id
            WHERE a.debits_posted
                      <> coalesce(d.moved, 0) + coalesce(z.transfers_debited_minor, 0)
               OR a.credits_posted
@@ -104,11 +116,6 @@ CHECKS: Final[tuple[tuple[str, str], ...]] = (
                       WHERE h.state <> 'attached'
                         AND e.transfer_id >= h.lower_id AND e.transfer_id < h.upper_id))
               OR e.account_id NOT IN (t.debit_account_id, t.credit_account_id)""",
-    ),
-    (
-        "archived totals belong to archived history",
-        """SELECT z.account_id, z.entries FROM archived_account_totals z
-           WHERE NOT EXISTS (SELECT FROM history_partitions WHERE state <> 'attached')""",
     ),
     (
         "every committed idempotency key carries its answer",

@@ -21,19 +21,27 @@ CREATE TABLE history_partitions (
     entries     bigint,
     archived_at timestamptz,
     export_path text,
+    -- Its rows of archived_account_totals have been added into the accounts' '*' rows.
+    totals_folded boolean NOT NULL DEFAULT false,
     CHECK (lower_id < upper_id)
 );
 CREATE UNIQUE INDEX history_partitions_by_lower ON history_partitions (lower_id);
 
 -- What archived history added up to, per account: a balance must equal these plus the
 -- sum of the entries still online, and the posted totals these plus the transfers online.
+-- Rows are written per partition before it is detached (and count only once its state is
+-- no longer 'attached'), so the detach itself does no work under its lock; later they
+-- are folded into one row per account, partition_name '*', so the table stays as small
+-- as the set of accounts.
 CREATE TABLE archived_account_totals (
-    account_id               bigint PRIMARY KEY REFERENCES accounts (id),
+    partition_name           text   NOT NULL,  -- history_partitions.name, or '*': folded
+    account_id               bigint NOT NULL REFERENCES accounts (id),
     entries                  bigint NOT NULL,
     posted_delta_minor       bigint NOT NULL,
     pending_delta_minor      bigint NOT NULL,
     transfers_debited_minor  bigint NOT NULL,  -- sum of posted_amount_minor as debit
-    transfers_credited_minor bigint NOT NULL   -- and as credit
+    transfers_credited_minor bigint NOT NULL,  -- and as credit
+    PRIMARY KEY (partition_name, account_id)
 );
 
 CREATE SCHEMA IF NOT EXISTS archive;

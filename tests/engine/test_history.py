@@ -228,6 +228,12 @@ async def test_run_once_is_bounded_and_resumes(dsn: str, tmp_path: Path) -> None
             done += report.archived
             if not report.full:
                 break
+        folded = await conn.fetch("SELECT DISTINCT partition_name FROM archived_account_totals")
+        assert [r["partition_name"] for r in folded] == ["*"]
+        assert not await conn.fetchval(
+            """SELECT count(*) FROM history_partitions
+               WHERE state <> 'attached' AND NOT totals_folded"""
+        )
         states = [
             p["state"]
             for p in await _partitions(conn)
@@ -235,6 +241,38 @@ async def test_run_once_is_bounded_and_resumes(dsn: str, tmp_path: Path) -> None
         ]
         assert set(states) == {"exported"}
         await _assert_reconciles(conn)
+    finally:
+        await conn.close()
+
+
+async def test_totals_staged_for_an_attached_partition_do_not_count(dsn: str) -> None:
+    """A detach that failed after its totals were written leaves them staged: reconcile
+    must not add them to the rows still online (it would count them twice)."""
+    from engine.history import _stage_totals
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await partition_past(conn, since=NOW - timedelta(days=30), span_days=7)
+        await load_history(
+            conn,
+            users=5,
+            transfers=40,
+            start=NOW - timedelta(days=20),
+            end=NOW - timedelta(days=19),
+        )
+        holder = await conn.fetchval(
+            "SELECT name FROM history_partitions WHERE lower_id <= $1 AND $1 < upper_id",
+            id_at(NOW - timedelta(days=20)),
+        )
+        transfers, entries = await _stage_totals(conn, holder)
+        assert (transfers, entries) == (40, 80)
+        await _assert_reconciles(conn)
+        # Were they counted, every balance would be off by its partition's sum.
+        await conn.execute(
+            "UPDATE history_partitions SET state = 'archived' WHERE name = $1", holder
+        )
+        failed = [o.name for o in await reconcile(conn) if o.violations]
+        assert "every balance equals the sum of its entries" in failed
     finally:
         await conn.close()
 
