@@ -12,7 +12,10 @@ In one run, on one fresh embedded PostgreSQL with pgbench TPC-B beside it:
    (ids spread over the last five weeks, every invariant kept), and `--keys` idempotency
    keys of the last day (what a day of requests leaves before the reaper takes it);
 4. "full": the same load on those users, whose every account now has deep history;
-5. `txengine reconcile`'s checks run over everything and must pass.
+5. unless `--archive-days 0`: the history maintenance job (engine.history) archives the
+   partitions that ended more than `--archive-days` days ago, the online row counts before
+   and after are shown, and the same load runs once more ("archived");
+6. `txengine reconcile`'s checks run over everything and must pass.
 
 pgbench runs again right before the full phase, so that each phase can also be taken as
 a share of the pgbench run beside it (machines shared with other work drift between
@@ -35,7 +38,7 @@ from bench import harness
 from bench.history import load_history
 from bench.loadgen import LoadResult, format_table, run_load
 from engine.database import migrate
-from engine.history import partition_past
+from engine.history import HistoryConfig, partition_past, run_once
 from engine.reconcile import reconcile, totals
 
 GOAL_WITHIN = 0.15
@@ -50,6 +53,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--accounts", type=int, default=10_000, help="users per phase")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--connections", type=int, default=256)
+    p.add_argument(
+        "--archive-days", type=int, default=7, help="then archive older history (0: do not)"
+    )
     return p.parse_args(argv)
 
 
@@ -105,6 +111,36 @@ async def _grow(dsn: str, users: int, transfers: int, keys: int) -> tuple[list[i
         await conn.close()
 
 
+async def _archive(dsn: str, days: int) -> dict[str, Any]:
+    """Run the maintenance job until every partition older than `days` is archived."""
+    t0 = time.monotonic()
+    conn = await asyncpg.connect(dsn)
+    try:
+        count = "SELECT (SELECT count(*) FROM transfers) AS t, (SELECT count(*) FROM entries) AS e"
+        before = dict(await conn.fetchrow(count))
+        config = HistoryConfig(retention_days=days, partitions_per_run_max=10)
+        archived: list[str] = []
+        blocked = None
+        for _ in range(100):
+            report = await run_once(conn, config=config, now=datetime.now(UTC))
+            archived += report.archived
+            blocked = report.blocked
+            if not report.full:
+                break
+        after = dict(await conn.fetchrow(count))
+        await conn.execute("VACUUM ANALYZE")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    return {
+        "archived": archived,
+        "blocked": blocked,
+        "online_before": before,
+        "online_after": after,
+        "seconds": time.monotonic() - t0,
+    }
+
+
 async def _check(dsn: str) -> tuple[list[Any], dict[str, int]]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -145,9 +181,15 @@ def main(argv: list[str] | None = None) -> int:
             pgb_full = harness.pgbench(pg, args)
             print(f"\n== with {args.transfers:,} transfers", file=sys.stderr, flush=True)
             full = harness.run_async(_load(args, server, grown_users))
+            archive, after = None, None
+            if args.archive_days:
+                archive = harness.run_async(_archive(pg.dsn, args.archive_days))
+                print(f"\n== after archiving: {archive}", file=sys.stderr, flush=True)
+                after = harness.run_async(_load(args, server, grown_users))
         outcomes, counts = harness.run_async(_check(pg.dsn))
     failed = [o for o in outcomes if o.violations]
     healthy = not failed and empty.errors_total == 0 and full.errors_total == 0
+    healthy = healthy and (after is None or after.errors_total == 0)
     change = full.ok_per_s / empty.ok_per_s - 1 if empty.ok_per_s else -1.0
     # The same change with each phase taken as a share of the pgbench run beside it.
     normalized = (
@@ -175,6 +217,17 @@ def main(argv: list[str] | None = None) -> int:
             if pgb_full and normalized is not None
             else ""
         )
+        + (
+            f"archived {len(archive['archived'])} partitions older than {args.archive_days} "
+            f"days in {archive['seconds']:.0f} s: online transfers "
+            f"{archive['online_before']['t']:,} -> {archive['online_after']['t']:,}, "
+            f"entries {archive['online_before']['e']:,} -> {archive['online_after']['e']:,}"
+            + (f" (stopped: {archive['blocked']})" if archive["blocked"] else "")
+            + f"\nafter archiving: {after.ok_per_s:.0f}/s (p99 {after.latency_ms['p99']:.1f} ms, "
+            f"{after.errors_total} errors)\n"
+            if archive is not None and after is not None
+            else ""
+        )
         + f"reconcile: {'passes' if not failed else [o.name for o in failed]}\n"
         f"goal: {'met' if met else 'NOT met'}"
     )
@@ -188,7 +241,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{full.ok_per_s:,.0f}/s with {counts['transfers']:,} transfers online vs "
                     f"{empty.ok_per_s:,.0f}/s empty ({change:+.1%}"
                     + ("" if normalized is None else f"; {normalized:+.1%} vs pgbench beside each")
-                    + "); reconcile "
+                    + ")"
+                    + (
+                        f"; {after.ok_per_s:,.0f}/s after archiving history older than "
+                        f"{args.archive_days} days"
+                        if after is not None
+                        else ""
+                    )
+                    + "; reconcile "
                     + ("passes" if not failed else "FAILS")
                 ),
                 pgbench_tps=pgb.tps if pgb else None,
@@ -204,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             "full": full.to_dict(),
             "pgbench_before_full": pgb_full.to_dict() if pgb_full else None,
             "normalized_change": normalized,
+            "archive": archive,
+            "after_archive": after.to_dict() if after else None,
             "tables": counts,
             "reconcile_failed": [o.name for o in failed],
         }

@@ -90,7 +90,7 @@ def record_target(row: TargetRow, *, path: Path = RESULTS_FILE) -> None:
         table, tail = rest.split(END, 1)
         rows = _parse(table)
         rows[row.number] = line
-        text = head + render(rows) + tail.lstrip("\n")
+        text = head + render(rows) + "\n" + tail.lstrip("\n")
     else:
         section = "## The six targets (latest run of each)\n\n" + render({row.number: line}) + "\n"
         marker = "## Where things stand"

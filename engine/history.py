@@ -150,6 +150,8 @@ async def partition_past(conn: asyncpg.Connection, *, since: datetime, span_days
         "SELECT name, upper_id FROM history_partitions ORDER BY lower_id LIMIT 1"
     )
     assert first is not None, "migration 0002 creates the first partitions"
+    # The first partition keeps the epoch's date as its name: no span may start there.
+    assert since >= _EPOCH + timedelta(days=span_days), since
     span = span_days * DAY_MS << ID_TIME_SHIFT
     bounds = []
     lower = first["upper_id"]
