@@ -364,3 +364,31 @@ async def test_archiving_under_load_loses_nothing(dsn: str, engine: Engine) -> N
         await _assert_reconciles(conn)
     finally:
         await conn.close()
+
+
+async def test_the_sweeper_maintains_history_at_its_interval(dsn: str, engine: Engine) -> None:
+    from engine.sweeper import Sweeper, SweeperConfig
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        before = len(await _partitions(conn))
+        config = SweeperConfig(
+            history=HistoryConfig(partitions_ahead=8, retention_days=None),
+            history_interval_s=3600,
+        )
+        sweeper = Sweeper(engine, config=config)
+        await sweeper.run_once()
+        after = await _partitions(conn)
+        assert len(after) > before
+        assert after[-1]["upper_id"] >= id_at(NOW + timedelta(days=8 * 7))
+        # Not due again for an hour: a second pass does not put back a partition removed.
+        last = after[-1]["name"]
+        await conn.execute(f"DROP TABLE transfers_{last}, entries_{last}")
+        await conn.execute("DELETE FROM history_partitions WHERE name = $1", last)
+        await sweeper.run_once()
+        assert len(await _partitions(conn)) == len(after) - 1
+        # A new sweeper is due at once, and makes it again.
+        await Sweeper(engine, config=config).run_once()
+        assert len(await _partitions(conn)) == len(after)
+    finally:
+        await conn.close()
