@@ -1,6 +1,7 @@
 """Target 4, the engine alone: transfers through engine.Engine's Python API, no HTTP.
 
-    python -m bench.engine [--duration-s 20] [--processes 2] [--submitters 1000] [--record]
+    python -m bench.engine [--duration-s 20] [--processes 1] [--submitters 4000]
+                           [--batch-size-max 2000] [--record]
 
 In one run: pgbench TPC-B on a fresh embedded PostgreSQL; the schema migrated and
 `--accounts` funded users loaded straight into the tables (bench.history); then
@@ -42,10 +43,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n")[0])
     harness.add_common_args(p, duration_s=20.0)
     p.add_argument("--accounts", type=int, default=10_000)
-    p.add_argument("--processes", type=int, default=2, help="each with its own Engine")
-    p.add_argument("--submitters", type=int, default=1000, help="concurrent submits a process")
+    # Measured on 2 cores (RESULTS.md): one process with deep batches beat two processes,
+    # whose four lanes lock overlapping accounts and wait for each other.
+    p.add_argument("--processes", type=int, default=1, help="each with its own Engine")
+    p.add_argument("--submitters", type=int, default=4000, help="concurrent submits a process")
     p.add_argument("--lanes", type=int, default=2, help="lanes per Engine")
-    p.add_argument("--batch-size-max", type=int, default=500)
+    p.add_argument("--batch-size-max", type=int, default=2000)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     return p.parse_args(argv)
 
