@@ -59,6 +59,9 @@ BODY_RING_SIZE = 1 << 16
 ERROR_SAMPLES_MAX = 5
 ERROR_SAMPLE_CHARS_MAX = 300
 TICK_MIN_S = 0.001
+# Open loop: a request written this long after its scheduled time counts as sent late
+# (a free connection was lacking, or the generator itself fell behind).
+LATE_SEND_S = 0.005
 RECONNECT_ATTEMPTS_MAX = 20
 RECONNECT_BACKOFF_S = 0.1
 # Spawned workers need time to import and connect before a common start.
@@ -285,6 +288,8 @@ class _Run:
         self.t_measure = math.inf
         self.t_end = math.inf
         self.lat = array("d")  # seconds, one per answered measured request
+        self.lat_at = array("d")  # when each of those was due, seconds into the window
+        self.error_at = array("d")  # when each measured error was due, likewise
         self.ok = 0
         self.errors: Counter[str] = Counter()
         self.samples: list[str] = []
@@ -300,6 +305,10 @@ class _Run:
         self.last_answer = 0.0
         # Open loop: how late the ticker got to a due request, the generator's own lag.
         self.schedule_lag_max_s = 0.0
+        # Open loop: measured requests written LATE_SEND_S or more after they fell due,
+        # and the worst such delay (a wait for a free connection included).
+        self.sent_late = 0
+        self.send_lag_max_s = 0.0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -315,6 +324,12 @@ class _Run:
     def send(self, conn: _Conn, t0: float) -> None:
         self.in_flight += 1
         self.sent += 1
+        if self.open_loop and self.t_measure <= t0 < self.t_end:
+            lag = _perf() - t0
+            if lag >= LATE_SEND_S:
+                self.sent_late += 1
+            if lag > self.send_lag_max_s:
+                self.send_lag_max_s = lag
         conn.send(self.requests.next(), t0)
 
     def on_response(self, conn: _Conn, status: int, body: bytes | None) -> None:
@@ -326,11 +341,12 @@ class _Run:
         self.in_flight -= 1
         if self.t_measure <= t0 < self.t_end:
             self.lat.append(now - t0)
+            self.lat_at.append(t0 - self.t_measure)
             self.last_answer = now
             if status == OK_STATUS:
                 self.ok += 1
             else:
-                self.error(str(status), body)
+                self.error(str(status), body, t0)
         else:
             self.unmeasured += 1
         self.dispatch(conn, now)
@@ -359,10 +375,11 @@ class _Run:
         elif self.in_flight + len(self.pending) < self.outstanding_max:
             self.pending.append(t_sched)
         elif self.measured(t_sched):
-            self.error("dropped", None)
+            self.error("dropped", None, t_sched)
 
-    def error(self, key: str, detail: bytes | str | None) -> None:
+    def error(self, key: str, detail: bytes | str | None, t0: float) -> None:
         self.errors[key] += 1
+        self.error_at.append(t0 - self.t_measure)
         if detail is not None and len(self.samples) < ERROR_SAMPLES_MAX:
             if isinstance(detail, bytes):
                 detail = detail[:ERROR_SAMPLE_CHARS_MAX].decode("utf-8", "replace")
@@ -382,7 +399,7 @@ class _Run:
             self.in_flight -= 1
             if self.measured(conn.t0):
                 key = "protocol_error" if reason.startswith("protocol_error") else "conn_error"
-                self.error(key, reason)
+                self.error(key, reason, conn.t0)
             else:
                 self.unmeasured += 1
         if not self.stopped:
@@ -449,12 +466,12 @@ class _Run:
                 conn.in_flight = False
                 self.in_flight -= 1
                 if self.measured(conn.t0):
-                    self.error("timeout", None)
+                    self.error("timeout", None, conn.t0)
             if conn.transport is not None:
                 conn.transport.close()
         for t_sched in self.pending:
             if self.measured(t_sched):
-                self.error("timeout", None)
+                self.error("timeout", None, t_sched)
         self.pending.clear()
         for task in list(self.tasks):
             task.cancel()
@@ -490,6 +507,16 @@ class LoadResult:
     latencies_s: array[float] = dataclasses.field(
         default_factory=lambda: array("d"), repr=False, compare=False
     )
+    # Open loop: measured requests written LATE_SEND_S or more after falling due.
+    sent_late: int = 0
+    send_lag_max_ms: float = 0.0
+    # Seconds into the window at which each latency sample, and each error, fell due.
+    latency_at_s: array[float] = dataclasses.field(
+        default_factory=lambda: array("d"), repr=False, compare=False
+    )
+    error_at_s: array[float] = dataclasses.field(
+        default_factory=lambda: array("d"), repr=False, compare=False
+    )
 
     @property
     def errors_total(self) -> int:
@@ -506,7 +533,7 @@ class LoadResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        del out["latencies_s"]
+        del out["latencies_s"], out["latency_at_s"], out["error_at_s"]
         out["errors_total"] = self.errors_total
         out["loadgen_cpu_pct"] = self.loadgen_cpu_pct
         out["loadgen_cpu_us_per_request"] = self.loadgen_cpu_us_per_request
@@ -545,6 +572,10 @@ def _summarise(
         "error_samples": run.samples,
         "schedule_lag_max_ms": run.schedule_lag_max_s * 1e3,
         "latencies_s": run.lat,
+        "sent_late": run.sent_late,
+        "send_lag_max_ms": run.send_lag_max_s * 1e3,
+        "latency_at_s": run.lat_at,
+        "error_at_s": run.error_at,
     }
 
 
@@ -554,10 +585,12 @@ def merge_results(results: Sequence[LoadResult]) -> LoadResult:
         return results[0]
     first = results[0]
     errors: Counter[str] = Counter()
-    latencies = array("d")
+    latencies, latency_at, error_at = array("d"), array("d"), array("d")
     for r in results:
         errors.update(r.errors)
         latencies.extend(r.latencies_s)
+        latency_at.extend(r.latency_at_s)
+        error_at.extend(r.error_at_s)
     rates = [r.rate_per_s for r in results if r.rate_per_s is not None]
     window_s = max(r.window_s for r in results)
     ok = sum(r.requests_ok for r in results)
@@ -580,7 +613,39 @@ def merge_results(results: Sequence[LoadResult]) -> LoadResult:
         wall_s=max(r.wall_s for r in results),
         processes=sum(r.processes for r in results),
         latencies_s=latencies,
+        sent_late=sum(r.sent_late for r in results),
+        send_lag_max_ms=max(r.send_lag_max_ms for r in results),
+        latency_at_s=latency_at,
+        error_at_s=error_at,
     )
+
+
+def intervals(result: LoadResult, interval_s: float) -> list[dict[str, float]]:
+    """Per slice of the window (by when requests fell due): answers, ok/s, latency
+    percentiles and errors, to see whether a long run stayed flat."""
+    count = max(1, math.ceil(result.duration_s / interval_s - 1e-9))
+    lat: list[list[float]] = [[] for _ in range(count)]
+    for at, latency in zip(result.latency_at_s, result.latencies_s, strict=True):
+        lat[min(count - 1, int(at // interval_s))].append(latency)
+    errors = [0] * count
+    for at in result.error_at_s:
+        errors[min(count - 1, int(at // interval_s))] += 1
+    rows = []
+    for i in range(count):
+        summary = latency_summary_ms(lat[i])
+        answered = len(lat[i])
+        rows.append(
+            {
+                "start_s": i * interval_s,
+                "answered": answered,
+                "per_s": answered / min(interval_s, result.duration_s - i * interval_s),
+                "p50_ms": summary["p50"],
+                "p99_ms": summary["p99"],
+                "p999_ms": summary["p999"],
+                "errors": errors[i],
+            }
+        )
+    return rows
 
 
 def format_table(result: LoadResult) -> str:
@@ -607,6 +672,13 @@ def format_table(result: LoadResult) -> str:
     ]
     if result.mode == "open":
         rows.append(("schedule lag ms", f"max {result.schedule_lag_max_ms:.2f} (generator's own)"))
+        rows.append(
+            (
+                "sent late",
+                f"{result.sent_late} of {result.requests_measured} written "
+                f">= {LATE_SEND_S * 1e3:g} ms after due (max {result.send_lag_max_ms:.2f} ms)",
+            )
+        )
     lines = [f"{name:<17}{value}" for name, value in rows]
     lines += [f"  sample {s}" for s in result.error_samples]
     return "\n".join(lines)

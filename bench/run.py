@@ -415,6 +415,40 @@ def _write_json(
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def _record_targets(pgb: PgbenchResult | None, loads: dict[str, LoadResult]) -> None:
+    """Targets 1 (even scenario vs pgbench) and 3 (hot vs even) in the targets table."""
+    from bench.harness import command_line
+    from bench.targets import TargetRow, record_target
+
+    command = command_line("bench.run")
+    even, hot = loads.get("even"), loads.get("hot")
+    if even is not None:
+        ratio = even.ok_per_s / pgb.tps if pgb else None
+        record_target(
+            TargetRow(
+                number=1,
+                measured=f"{even.ok_per_s:,.0f} transfers/s, p99 {even.latency_ms['p99']:.0f} ms, "
+                f"{even.errors_total} errors",
+                pgbench_tps=pgb.tps if pgb else None,
+                ratio="-" if ratio is None else f"{ratio:.2f}x pgbench",
+                met=None if ratio is None else ratio >= 2.0 and even.errors_total == 0,
+                command=command,
+            )
+        )
+    if even is not None and hot is not None and even.ok_per_s:
+        ratio = hot.ok_per_s / even.ok_per_s
+        record_target(
+            TargetRow(
+                number=3,
+                measured=f"{hot.ok_per_s:,.0f} transfers/s hot vs {even.ok_per_s:,.0f} even",
+                pgbench_tps=pgb.tps if pgb else None,
+                ratio=f"{ratio:.2f}x even",
+                met=ratio >= 0.8 and hot.errors_total == 0,
+                command=command,
+            )
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     settings = _settings(args)
@@ -427,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(pgb, loads, settings))
     if args.record:
         record(_rows(pgb, loads), settings, RESULTS_FILE)
+        _record_targets(pgb, loads)
         _log(f"recorded in {RESULTS_FILE}")
     if args.json_out is not None:
         _write_json(args.json_out, pgb, loads, settings)

@@ -1,6 +1,7 @@
 """Background work over the same store: expire holds past their timeout, reap old
 idempotency keys, delete step-up codes that can no longer be used, fire the
-products' timers (engine.products.timers).
+products' timers (engine.products.timers), keep history partitioned and archived
+(engine.history).
 
 Each job is a `run_once()` over a bounded batch; the loop sleeps only when a batch came
 back short, so a backlog drains at full speed and an idle system costs one query per
@@ -14,13 +15,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Final
 
 import asyncpg
 
-from engine import nonces, store
+from engine import history, nonces, store
 from engine.engine import Engine
 from engine.errors import EngineError, translate_database_error
 from engine.model import VoidPending
@@ -39,11 +41,18 @@ class SweeperConfig:
     nonces_batch_size_max: int = 5_000  # request nonces past their window deleted per run
     interval_s: float = 1.0  # pause after a run that found less than a full batch
     error_backoff_s: float = 5.0  # pause after a run that failed (database away)
+    history: history.HistoryConfig | None = dataclasses.field(
+        default_factory=history.HistoryConfig
+    )  # None: no partition maintenance (partitions must then be made some other way)
+    history_interval_s: float = 60.0  # partition maintenance at most this often
+    # Summing a partition for archiving reads all of it: far longer than a request may take.
+    history_statement_timeout_ms: int = 30 * 60 * 1000
 
     def __post_init__(self) -> None:
         assert 1 <= self.holds_batch_size_max <= 10_000
         assert 1 <= self.keys_batch_size_max <= 100_000
         assert 0 < self.interval_s <= 3600
+        assert 0 < self.history_interval_s <= 24 * 3600
 
 
 async def expire_holds_once(engine: Engine, *, limit: int) -> int:
@@ -77,6 +86,16 @@ async def reap_nonces_once(engine: Engine, *, limit: int) -> int:
         return await nonces.reap(conn, seen_before=cutoff, limit=limit)
 
 
+async def maintain_history_once(
+    engine: Engine, *, config: history.HistoryConfig, statement_timeout_ms: int
+) -> history.HistoryReport:
+    """Create partitions ahead, archive (and export) one past the retention."""
+    async with engine.pool.acquire() as conn:
+        # The pool resets session settings when the connection goes back.
+        await conn.execute(f"SET statement_timeout = {int(statement_timeout_ms)}")
+        return await history.run_once(conn, config=config, now=engine.clock())
+
+
 class Sweeper:
     def __init__(
         self,
@@ -89,6 +108,7 @@ class Sweeper:
         self._config = config or SweeperConfig()
         self._timer_jobs = tuple(TIMER_JOBS if timer_jobs is None else timer_jobs)
         self._task: asyncio.Task[None] | None = None
+        self._history_due = 0.0  # monotonic time of the next history maintenance
 
     def start(self) -> None:
         assert self._task is None
@@ -133,7 +153,21 @@ class Sweeper:
                     "timers": fired,
                 },
             )
-        return full
+        return await self._maintain_history() or full
+
+    async def _maintain_history(self) -> bool:
+        """Partition maintenance, at most once per interval; True if more is waiting."""
+        config = self._config
+        if config.history is None or time.monotonic() < self._history_due:
+            return False
+        report = await maintain_history_once(
+            self._engine,
+            config=config.history,
+            statement_timeout_ms=config.history_statement_timeout_ms,
+        )
+        if not report.full:
+            self._history_due = time.monotonic() + config.history_interval_s
+        return report.full
 
     async def _run(self) -> None:
         while True:

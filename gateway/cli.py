@@ -156,7 +156,7 @@ async def run_worker(dsn: str, settings: Settings, *, reuse_port: bool) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=2048)
     await site.start()
-    sweeper = Sweeper(engine)
+    sweeper = Sweeper(engine, config=settings.sweeper_config())
     if settings.sweeper:
         sweeper.start()
     dispatcher = Dispatcher(engine, observer=metrics.WebhookMetrics())

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Final
 
 from engine import EngineConfig, LaneConfig
+from engine.history import HistoryConfig
 from engine.partners import SECRET_KEY_FILE, load_or_create_key
 from engine.products.banks import CHANNEL_TYPES, BanksConfig, ChannelConfig
+from engine.sweeper import SweeperConfig
 
 ENV_PREFIX: Final = "TXENGINE_"
 BANK_URL_DEFAULT: Final = "http://127.0.0.1:8091"  # `python -m banksim --port 8091`
@@ -64,6 +66,10 @@ class Settings:
             return self.secret_key.encode()
         return load_or_create_key(self.data_dir / SECRET_KEY_FILE)
 
+    partition_span_days: int
+    history_retention_days: int  # 0: keep all history online
+    archive_dir: Path | None  # None: archived partitions stay in the `archive` schema
+
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             lanes=self.lanes,
@@ -75,6 +81,15 @@ class Settings:
                 statement_timeout_ms=self.statement_timeout_ms,
             ),
             idempotency_retention_s=self.idempotency_retention_s,
+        )
+
+    def sweeper_config(self) -> SweeperConfig:
+        return SweeperConfig(
+            history=HistoryConfig(
+                partition_span_days=self.partition_span_days,
+                retention_days=self.history_retention_days or None,
+                archive_dir=self.archive_dir,
+            )
         )
 
 
@@ -122,6 +137,9 @@ def from_env() -> Settings:
         # request has not fully arrived by then, which bounds a slow sender's hold.
         header_timeout_s=float(_env("HEADER_TIMEOUT_S", "15")),
         body_timeout_s=float(_env("BODY_TIMEOUT_S", "10")),
+        partition_span_days=_int("PARTITION_SPAN_DAYS", 7),
+        history_retention_days=_int("HISTORY_RETENTION_DAYS", 90),
+        archive_dir=Path(_env("ARCHIVE_DIR", "")).resolve() if _env("ARCHIVE_DIR", "") else None,
     )
 
 

@@ -24,6 +24,7 @@ from bench.accounts import setup_accounts, setup_hot_account
 from bench.loadgen import (
     LoadResult,
     TransferRequests,
+    intervals,
     merge_results,
     parse_response,
     run_load,
@@ -196,6 +197,22 @@ async def test_open_loop_times_from_schedule_so_a_stall_shows(server: FakeServer
     assert result.latency_ms["max"] >= 300
     assert result.latency_ms["p99"] >= 250  # ~60 queued requests, not one slow outlier
     assert result.latency_ms["p90"] >= 50
+    # Those requests were written late, and are counted so.
+    assert result.sent_late >= 40
+    assert result.send_lag_max_ms >= 250
+
+
+async def test_open_loop_per_interval_shows_where_the_stall_was(server: FakeServer) -> None:
+    server.stall_after_s, server.stall_s = 0.5, 0.3
+    result = await _run(server, rate_per_s=200, connections=1, warmup_s=0.1)
+    slices = intervals(result, 0.25)
+    assert len(slices) == 4
+    assert sum(s["answered"] for s in slices) == len(result.latencies_s)
+    assert sum(s["errors"] for s in slices) == result.errors_total
+    worst = max(range(4), key=lambda i: slices[i]["p99_ms"])
+    # The stall starts 0.4 s into the window: its slice, or the next one, carries it.
+    assert worst in (1, 2) and slices[worst]["p99_ms"] >= 200
+    assert slices[0]["p99_ms"] < 100
 
 
 async def test_closed_loop_hides_the_same_stall_in_its_tail(server: FakeServer) -> None:

@@ -12,7 +12,9 @@ CREATE TABLE channel_requests (
     account_id      bigint      NOT NULL REFERENCES accounts (id),
     amount_minor    bigint      NOT NULL CHECK (amount_minor > 0),
     currency        char(3)     NOT NULL,
-    hold_id         bigint      NOT NULL UNIQUE REFERENCES transfers (id),
+    -- The ledger hold (a transfer id). No foreign key: transfers are partitioned by time
+    -- and old partitions are archived (engine/history.py); a key from here would pin them.
+    hold_id         bigint      NOT NULL UNIQUE,
     state           text        NOT NULL
                     CHECK (state IN ('pending', 'succeeded', 'failed', 'timed_out')),
     destination     text,                  -- withdrawals: where the bank pays to
