@@ -39,6 +39,7 @@ from typing import Any
 import aiohttp
 
 from bench.accounts import Partner, create_partner, setup_accounts, setup_hot_account
+from bench.cpu import CpuMeter
 from bench.loadgen import LoadResult, format_table, run_load
 from bench.pgbench import PgbenchResult, dsn_parts, run_tpcb
 from engine.partners import new_master_key
@@ -209,7 +210,7 @@ async def _partner(args: argparse.Namespace, dsn: str) -> Partner:
 
 
 async def _drive(
-    args: argparse.Namespace, port: int, server: Any, dsn: str
+    args: argparse.Namespace, port: int, server: Any, dsn: str, *, postgres_pid: int | None
 ) -> dict[str, LoadResult]:
     """Wait for the server, make the partner and the accounts, and run each scenario's
     closed-loop load, every request signed."""
@@ -225,6 +226,9 @@ async def _drive(
     for scenario in SCENARIOS[args.scenario]:
         hot = await setup_hot_account(base_url, partner=partner) if scenario == "hot" else None
         _log(f"scenario {scenario}: {args.connections} connections, {args.duration_s:g} s")
+        meter = CpuMeter({"gateway": [server.pid], "postgres": [postgres_pid or 0]})
+        # The meter covers the measured window only: it starts when the warm-up ends.
+        starting = asyncio.get_running_loop().call_later(args.warmup_s, meter.start)
         result = await run_load(
             host="127.0.0.1",
             port=port,
@@ -235,17 +239,29 @@ async def _drive(
             hot_account_id=hot,
             partner=partner,
         )
+        starting.cancel()
+        spent_s, wall_s = meter.stop()
+        transfers = result.ok_per_s * wall_s
+        CPU_US_PER_TRANSFER[scenario] = {
+            name: 1e6 * seconds / transfers if transfers else 0.0
+            for name, seconds in spent_s.items()
+        }
+        CPU_US_PER_TRANSFER[scenario]["loadgen"] = (
+            1e6 * result.loadgen_cpu_pct / 100 / result.ok_per_s if result.ok_per_s else 0.0
+        )
         print(f"\n== {scenario}\n{format_table(result)}", file=sys.stderr, flush=True)
         results[scenario] = result
     return results
 
 
-def _run_txengine(args: argparse.Namespace, dsn: str) -> dict[str, LoadResult]:
+def _run_txengine(
+    args: argparse.Namespace, dsn: str, *, postgres_pid: int | None = None
+) -> dict[str, LoadResult]:
     port = _free_port()
     server = _start_server(args.server_module, dsn, port, args.workers)
     try:
         with asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
-            return runner.run(_drive(args, port, server, dsn))
+            return runner.run(_drive(args, port, server, dsn, postgres_pid=postgres_pid))
     finally:
         _stop_server(server)
 
@@ -292,6 +308,24 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             if k.startswith("TXENGINE_") and k not in _SET_BY_BENCH
         ),
     }
+
+
+# CPU µs per transfer of each part, per scenario, measured over the window (bench/cpu.py):
+# what each part costs, and 2 cores ÷ their sum is this code's ceiling on this machine.
+CPU_US_PER_TRANSFER: dict[str, dict[str, float]] = {}
+
+
+def _cpu_lines() -> list[str]:
+    lines = []
+    for scenario, parts in CPU_US_PER_TRANSFER.items():
+        total = sum(parts.values())
+        ceiling = (os.cpu_count() or 1) * 1e6 / total if total else 0.0
+        lines.append(
+            f"{scenario} CPU per transfer: "
+            + ", ".join(f"{name} {us:.0f} µs" for name, us in parts.items())
+            + f"; total {total:.0f} µs, so {os.cpu_count()} cores carry at most {ceiling:,.0f}/s"
+        )
+    return lines
 
 
 def _rows(pgb: PgbenchResult | None, loads: dict[str, LoadResult]) -> list[dict[str, Any]]:
@@ -342,6 +376,7 @@ def format_report(
             f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['errors']:>8}"
             f"{row['loadgen_cpu_pct']:>12.0f}%"
         )
+    lines += _cpu_lines()
     for scenario, r in loads.items():
         if r.errors:
             lines.append(f"{scenario} errors: {r.errors}")
@@ -455,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     pg = _start_database(fresh=not args.keep_data)
     try:
         pgb = None if args.skip_pgbench else _run_pgbench(pg, pg.dsn, args.duration_s)
-        loads = _run_txengine(args, pg.dsn)
+        loads = _run_txengine(args, pg.dsn, postgres_pid=pg.pid)
     finally:
         pg.stop()
     print(format_report(pgb, loads, settings))

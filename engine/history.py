@@ -255,10 +255,10 @@ async def _detach(
     """Detach the partition pair into the archive schema, making its staged totals count,
     in one short transaction; else say why not.
 
-    DETACH also touches accounts (the partitions' foreign keys get triggers of their
-    own there), and the write path locks accounts and transfers in either order, so a
-    detach can deadlock with a batch: PostgreSQL then aborts one of the two, the lane
-    retries its batch, and this gives up until the next run, as on a lock timeout.
+    Transfers have no foreign keys to accounts (migration 0010), so DETACH locks only
+    the history tables; should it still meet a batch in a lock cycle, PostgreSQL aborts
+    one of the two, the lane retries its batch, and this gives up until the next run, as
+    on a lock timeout.
     """
     transfers_table, entries_table = _ident("transfers_" + name), _ident("entries_" + name)
     try:

@@ -51,6 +51,23 @@ CHECKS: Final[tuple[tuple[str, str], ...]] = (
                      <> coalesce(e.pending, 0) + coalesce(z.pending_delta_minor, 0)""",
     ),
     (
+        # The database has no foreign keys from transfers to accounts (migration 0010:
+        # the engine locks both accounts before it writes a transfer, and the keys cost
+        # PostgreSQL a lookup and a row lock per account per transfer), so check here.
+        "every transfer's accounts exist, in its currency",
+        """SELECT t.id, t.debit_account_id, t.credit_account_id, t.currency
+           FROM transfers t
+           LEFT JOIN accounts d ON d.id = t.debit_account_id
+           LEFT JOIN accounts c ON c.id = t.credit_account_id
+           WHERE d.id IS NULL OR c.id IS NULL
+              OR d.currency <> t.currency OR c.currency <> t.currency""",
+    ),
+    (
+        "every entry's account exists",
+        """SELECT e.account_id, e.id FROM entries e
+           LEFT JOIN accounts a ON a.id = e.account_id WHERE a.id IS NULL""",
+    ),
+    (
         "every account's latest entry shows its balance",
         """SELECT a.id, l.posted_after_minor, l.pending_after_minor
            FROM accounts a
