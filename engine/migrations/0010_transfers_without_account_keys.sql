@@ -7,6 +7,10 @@
 -- accounts, 256 submitters): PostgreSQL CPU per transfer 64-66 us with the keys, 58 us
 -- without them (-11 %). `txengine reconcile` checks the same facts over the whole ledger
 -- ("every transfer's accounts exist, in its currency").
+-- The same for the archive's per-account totals (engine/history.py): staging them took a
+-- KEY SHARE lock on each account, in no particular order, while batches held accounts
+-- FOR UPDATE; seen as a deadlock between archiving and the write path under load.
+--
 -- By catalogue rather than by name: partitioning (0002) left them named *_fkey1. Dropping
 -- the partitioned table's constraint drops its partitions' copies with it.
 DO $$
@@ -19,6 +23,12 @@ BEGIN
           AND confrelid = 'accounts'::regclass AND conparentid = 0
     LOOP
         EXECUTE format('ALTER TABLE transfers DROP CONSTRAINT %I', key_name);
+    END LOOP;
+    FOR key_name IN
+        SELECT conname FROM pg_constraint
+        WHERE conrelid = 'archived_account_totals'::regclass AND contype = 'f'
+    LOOP
+        EXECUTE format('ALTER TABLE archived_account_totals DROP CONSTRAINT %I', key_name);
     END LOOP;
 END
 $$;

@@ -21,6 +21,7 @@ from gateway.problems import PROBLEM_TYPES
 from tests.engine.products.webhook_support import queue_delivery
 from tests.gateway.support import (
     BODY_SIZE_MAX,
+    DEFAULT_PARTNER,
     DOCUMENT,
     UNKNOWN_ID,
     Api,
@@ -657,7 +658,9 @@ async def test_real_responses_match_the_document(api: Api, world: World) -> None
         "/v1/accounts/{account_id}/statements/{date}",
         f"/v1/accounts/{world.user}/statements/{today}.csv",
     )
-    delivery_id = await queue_delivery(api.engine, "http://127.0.0.1:1/notify")
+    delivery_id = await queue_delivery(
+        api.engine, "http://127.0.0.1:1/notify", scope=DEFAULT_PARTNER
+    )
     await check("GET", "/v1/webhook_deliveries", "/v1/webhook_deliveries?status=pending")
     await check(
         "POST",
