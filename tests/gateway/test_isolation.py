@@ -5,7 +5,13 @@ parameter, every method of it, and asks as partner B for what partner A owns. B 
 exactly what an id that does not exist gets (404, never 403 or the thing itself), and A's
 things must not change. A route added later is covered as soon as it is in the document;
 if it brings a new kind of path parameter, `test_every_path_parameter_has_an_owner` fails
-until `_owned_by` learns to make one.
+until `_owned_by` learns to make one, and a new POST route fails until `_BODIES` gives
+it a valid body (so ownership decides the answer, not validation).
+
+Ids also travel in bodies and queries (a trade's buyer, an order's merchant, a QR code, a
+payment code, a biller): the second walk sends another partner's there, each checked to
+answer what an unknown one answers, even when the request would otherwise leak a fact
+(the account's currency, its payer's funds), and to move nothing.
 """
 
 from __future__ import annotations
@@ -155,15 +161,20 @@ def test_every_path_parameter_has_an_owner() -> None:
 
 
 async def test_another_partners_ids_are_not_found_on_every_route(api: Api) -> None:
-    mine = (await _owned_by(api)).ids
+    owned = await _owned_by(api)
     other = api.as_partner(await add_partner(api.engine, "other-shop"))
-    unknown = {name: value if name in _NOT_IDS else UNKNOWN_ID for name, value in mine.items()}
+    unknown = {name: value if name in _NOT_IDS else UNKNOWN_ID for name, value in owned.ids.items()}
     before = await _rows(api)
     tried = 0
     for method, template in _templates():
         body = _BODIES.get(template) if method == "POST" else None
         if body is not None:
             validate_request(template, body)
+        # A merchant's orders are found under the merchant's account.
+        merchant = template.startswith("/v1/merchants/")
+        mine = dict(owned.ids, account_id=owned.world.merchant) if merchant else owned.ids
+        if method == "GET":  # the id is real: its owner reads it
+            assert (await api.get(_fill(template, mine))).status == 200, template
         foreign = await other.call(method, _fill(template, mine), body)
         missing = await other.call(method, _fill(template, unknown), body)
         assert foreign.status == 404, (method, template, foreign.body)
@@ -177,8 +188,115 @@ async def test_another_partners_ids_are_not_found_on_every_route(api: Api) -> No
         assert after[table] == before[table], table
     # B's own merchant with A's out_trade_no finds nothing either.
     own = await other.open_account("merchant")
-    reply = await other.get(f"/v1/merchants/{own}/orders/{mine['out_trade_no']}")
+    reply = await other.get(f"/v1/merchants/{own}/orders/{owned.ids['out_trade_no']}")
     assert_problem(reply, 404, "order_not_found")
+
+
+_NO_CODE: Final = "999999999999999999"
+
+
+async def _same_as_unknown(api: Api, path: str, body: dict[str, Any], **foreign: str) -> str:
+    """POST `body` with `foreign` ids and again with unknown ones: one 4xx answer, the
+    not-found kind; its code."""
+    unknown = {name: _NO_CODE if name == "code" else UNKNOWN_ID for name in foreign}
+    validate_request(path, {**body, **foreign})
+    theirs = await api.post(path, {**body, **foreign})
+    missing = await api.post(path, {**body, **unknown})
+    assert theirs.status in (404, 422), (path, foreign, theirs.body)
+    assert (theirs.status, theirs.json["code"]) == (missing.status, missing.json["code"])
+    assert theirs.json["code"] in _NOT_FOUND_CODES, (path, foreign, theirs.body)
+    return str(theirs.json["code"])
+
+
+# What an id that is not the caller's answers; a payment code is a secret, not an id, so
+# an unknown one is "invalid" rather than "not found".
+_NOT_FOUND_CODES: Final = frozenset(
+    {"account_not_found", "order_not_found", "biller_not_found", "payment_code_invalid"}
+)
+
+
+async def test_another_partners_ids_in_bodies_and_queries_are_not_found(api: Api) -> None:
+    owned = await _owned_by(api)
+    a, order = owned.world, owned.order
+    code = await _created(api, "/v1/payment_codes", {"payer_account_id": a.user})
+    other = api.as_partner(await add_partner(api.engine, "body-thief"))
+    b = await make_world(other)
+    b_order = await _created(other, "/v1/orders", {
+        "merchant_account_id": b.merchant, "out_trade_no": "B_O1", "subject": "tea",
+        "amount_minor": 100, "currency": "CNY",
+    })  # fmt: skip
+    b_code = await _created(other, "/v1/payment_codes", {"payer_account_id": b.user})
+    b_biller = await _created(other, "/v1/billers", {
+        "account_id": await other.open_account("merchant"), "name": "Gas", "biller_type": "utility",
+    })  # fmt: skip
+    a_biller = owned.ids["biller_id"]
+    before = await _rows(api)
+    b_before = (await other.balance(b.user), await other.balance(b.merchant))
+
+    trade = {"out_trade_no": "B_T1", "amount_minor": 100, "currency": "CNY", "subject": "x"}
+    new_order = {"out_trade_no": "B_O2", "subject": "x", "amount_minor": 100, "currency": "CNY"}
+    charge = {"out_trade_no": "B_C1", "subject": "x", "amount_minor": 100, "currency": "CNY"}
+    bill = {"reference": "1234567890", "amount_minor": 100, "currency": "CNY"}
+    money = {"amount_minor": 300, "currency": "CNY"}
+    withdrawal = {**money, "channel": "card", "destination": "6222020200112233"}
+    usd = {"currency": "USD", "amount_minor": 100}
+    # (path, B's own part of a valid body, the ids that are A's)
+    cases: list[tuple[str, dict[str, Any], dict[str, str]]] = [
+        ("/v1/trades", {**trade, "buyer_account_id": b.user}, {"seller_account_id": a.merchant}),
+        ("/v1/trades", {**trade, "seller_account_id": b.merchant}, {"buyer_account_id": a.user}),
+        ("/v1/orders", new_order, {"merchant_account_id": a.merchant}),
+        ("/v1/orders/pay", {"qr_code": b_order["qr_code"]}, {"payer_account_id": a.user}),
+        ("/v1/payment_codes", {}, {"payer_account_id": a.user}),
+        (
+            "/v1/payment_codes/charge",
+            {**charge, "merchant_account_id": b.merchant},
+            {"code": code["code"]},
+        ),
+        (
+            "/v1/payment_codes/charge",
+            {**charge, "code": b_code["code"]},
+            {"merchant_account_id": a.merchant},
+        ),
+        ("/v1/bills/pay", {**bill, "payer_account_id": b.user}, {"biller_id": a_biller}),
+        ("/v1/bills/pay", {**bill, "biller_id": b_biller["id"]}, {"payer_account_id": a.user}),
+        ("/v1/topups", {**money, "channel": "ebank"}, {"account_id": a.user}),
+        ("/v1/withdrawals", withdrawal, {"account_id": a.user}),
+        # A's accounts are CNY: a USD request must not learn that from a currency_mismatch,
+        (
+            "/v1/trades",
+            {**trade, **usd, "buyer_account_id": b.dollars},
+            {"seller_account_id": a.merchant},
+        ),
+        ("/v1/orders", {**new_order, **usd}, {"merchant_account_id": a.merchant}),
+        ("/v1/topups", {**money, **usd, "channel": "ebank"}, {"account_id": a.user}),
+        # nor what A's payer holds from an insufficient_funds.
+        (
+            "/v1/payment_codes/charge",
+            {**charge, "merchant_account_id": b.merchant, "amount_minor": 10**9},
+            {"code": code["code"]},
+        ),
+    ]
+    for path, body, foreign in cases:
+        await _same_as_unknown(other, path, body, **foreign)
+    # A's order's QR code, paid by B, is an order B does not have.
+    for qr_code in (order["qr_code"], "txengine://pay/x"):
+        paid = await other.post("/v1/orders/pay", {"qr_code": qr_code, "payer_account_id": b.user})
+        assert_problem(paid, 404, "order_not_found")
+
+    query = f"out_trade_no=ISO_T1&seller_account_id={a.merchant}"
+    assert (await api.get(f"/v1/trades?{query}")).status == 200
+    assert_problem(await other.get(f"/v1/trades?{query}"), 404, "trade_not_found")
+    query = f"out_trade_no=ISO_T1&seller_account_id={b.merchant}"
+    assert_problem(await other.get(f"/v1/trades?{query}"), 404, "trade_not_found")
+    assert len((await api.get("/v1/webhook_deliveries")).json["data"]) >= 1
+    assert (await other.get("/v1/webhook_deliveries")).json["data"] == []
+    # B's queries moved nothing of A's, and B's refusals moved nothing of B's.
+    after = await _rows(api)
+    for table in _OWNED_TABLES:
+        assert [r for r in after[table] if "body-thief" not in r] == [
+            r for r in before[table] if "body-thief" not in r
+        ], table
+    assert (await other.balance(b.user), await other.balance(b.merchant)) == b_before
 
 
 async def test_another_partners_accounts_cannot_be_moved(api: Api) -> None:
