@@ -12,18 +12,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import zxingcpp
-from aiohttp.test_utils import TestClient, TestServer
 
-from engine import Engine
 from engine.products.orders import EXPIRE_JOB
 from engine.reconcile import reconcile
-from gateway import metrics
-from gateway.app import make_app
-from gateway.settings import from_env
-from tests.conftest import TEST_ENGINE_CONFIG
 from tests.engine.products.merchant_support import Clock
 from tests.gateway.support import (
-    BODY_SIZE_MAX,
     DOCUMENT,
     UNKNOWN_ID,
     Api,
@@ -31,6 +24,7 @@ from tests.gateway.support import (
     World,
     assert_problem,
     make_world,
+    serving,
     snapshot,
     validate_request,
     validate_response,
@@ -41,18 +35,9 @@ VISA_TEST_CARD = "4111111111111111"
 
 @contextlib.asynccontextmanager
 async def _serving(dsn: str, clock: Clock) -> AsyncIterator[Api]:
-    """tests.gateway.support.serving, on a clock the test moves."""
-    engine = await Engine.open(
-        dsn, config=TEST_ENGINE_CONFIG, observer=metrics.EngineMetrics(), clock=clock
-    )
-    settings = dataclasses.replace(from_env(), access_log=False, body_size_max_bytes=BODY_SIZE_MAX)
-    client = TestClient(TestServer(make_app(engine, settings)))
-    await client.start_server()
-    try:
-        yield Api(client, engine)
-    finally:
-        await client.close()
-        await engine.close()
+    """tests.gateway.support.serving (signed as the test partner), on a clock the test moves."""
+    async with serving(dsn, clock=clock) as api:
+        yield api
 
 
 @dataclasses.dataclass
