@@ -33,9 +33,11 @@ from tests.gateway.support import (
 VISA_TEST_CARD = "4111111111111111"
 
 
-def _serving(dsn: str, clock: Clock) -> contextlib.AbstractAsyncContextManager[Api]:
-    """tests.gateway.support.serving, on a clock the test moves."""
-    return serving(dsn, clock=clock)
+@contextlib.asynccontextmanager
+async def _serving(dsn: str, clock: Clock) -> AsyncIterator[Api]:
+    """tests.gateway.support.serving (signed as the test partner), on a clock the test moves."""
+    async with serving(dsn, clock=clock) as api:
+        yield api
 
 
 @dataclasses.dataclass

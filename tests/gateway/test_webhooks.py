@@ -13,13 +13,7 @@ import prometheus_client
 from engine.products import dispatcher, signatures
 from gateway import metrics
 from tests.engine.products.webhook_support import queue_delivery, receiving
-from tests.gateway.support import (
-    DEFAULT_PARTNER,
-    UNKNOWN_ID,
-    Api,
-    assert_problem,
-    validate_response,
-)
+from tests.gateway.support import UNKNOWN_ID, Api, assert_problem, validate_response
 
 LIST = "/v1/webhook_deliveries"
 REDELIVER = "/v1/webhook_deliveries/{delivery_id}/redeliver"
@@ -35,7 +29,7 @@ async def _list(api: Api, query: str = "") -> dict[str, Any]:
 
 async def test_deliveries_are_listed_by_page_and_status_and_only_the_callers(api: Api) -> None:
     ids = [
-        await queue_delivery(api.engine, "http://127.0.0.1:1/", scope=DEFAULT_PARTNER)
+        await queue_delivery(api.engine, "http://127.0.0.1:1/", scope=api.signer.partner_id)
         for _ in range(3)
     ]
     await queue_delivery(api.engine, "http://127.0.0.1:1/", scope="partner-2")
@@ -59,7 +53,7 @@ async def test_deliveries_are_listed_by_page_and_status_and_only_the_callers(api
 
 
 async def test_a_redelivery_is_idempotent_and_refuses_what_is_not_the_callers(api: Api) -> None:
-    mine = await queue_delivery(api.engine, "http://127.0.0.1:1/", scope=DEFAULT_PARTNER)
+    mine = await queue_delivery(api.engine, "http://127.0.0.1:1/", scope=api.signer.partner_id)
     theirs = await queue_delivery(api.engine, "http://127.0.0.1:1/", scope="partner-2")
     before = await _list(api)
     path = REDELIVER.format(delivery_id=mine)
@@ -103,16 +97,17 @@ def _txengine(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
 async def test_a_step_s_event_reaches_a_real_receiver_signed_with_the_operators_secret(
     dsn: str, api: Api
 ) -> None:
-    created = _txengine(dsn, "create", "--scope", DEFAULT_PARTNER)
+    partner = api.signer.partner_id  # secrets and deliveries are the partner's
+    created = _txengine(dsn, "create", "--scope", partner)
     assert created.returncode == 0, created.stderr
     secret = created.stdout.strip()
     assert secret.startswith("whsec_") and secret not in created.stderr
-    again = _txengine(dsn, "create", "--scope", DEFAULT_PARTNER)
+    again = _txengine(dsn, "create", "--scope", partner)
     assert again.returncode == 1 and "rotate" in again.stderr
 
     async with receiving(lambda: api.engine.clock().timestamp()) as receiver:
         receiver.secrets = [secret]
-        delivery_id = await queue_delivery(api.engine, receiver.url(), scope=DEFAULT_PARTNER)
+        delivery_id = await queue_delivery(api.engine, receiver.url(), scope=partner)
         before = _delivered_count()
         config = dispatcher.DispatcherConfig(timeout_s=2.0)
         async with dispatcher.open_session(config) as session:
@@ -129,7 +124,7 @@ async def test_a_step_s_event_reaches_a_real_receiver_signed_with_the_operators_
     exposition = (await api.get("/metrics")).body.decode()
     assert 'txengine_webhook_attempts_total{outcome="delivered"}' in exposition
 
-    rotated = _txengine(dsn, "rotate", "--scope", DEFAULT_PARTNER, "--overlap-s", "60")
+    rotated = _txengine(dsn, "rotate", "--scope", partner, "--overlap-s", "60")
     assert rotated.returncode == 0 and rotated.stdout.strip() not in (secret, "")
     missing = _txengine(dsn, "rotate", "--scope", "nobody")
     assert missing.returncode == 1 and "create one" in missing.stderr
