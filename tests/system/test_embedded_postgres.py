@@ -102,8 +102,13 @@ async def test_serve_restarts_its_embedded_postgres(tmp_path: Path) -> None:
             killed = postgres.pid
             assert killed is not None
             postgres.kill()
-            await wait_ready(client)  # no manual step: serve started it again
-            assert postgres.pid not in (None, killed)
+            # No manual step: serve starts it again. /readyz may still say 200 in the
+            # instant after the kill, so wait for the new postmaster first, then ready.
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while postgres.pid in (None, killed):
+                assert time.monotonic() < deadline, "serve did not start postgres again"
+                await asyncio.sleep(0.1)
+            await wait_ready(client)
 
             after = await post(client, "/v1/transfers", transfer_body(bank, user, 7, "b"), "b")
             read = await client.request("GET", f"/v1/accounts/{user}")
