@@ -35,6 +35,7 @@ from typing import Any
 import asyncpg
 
 from bench import harness
+from bench.accounts import Partner
 from bench.history import load_history
 from bench.loadgen import LoadResult, format_table, run_load
 from engine.database import migrate
@@ -59,10 +60,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def _prepare(dsn: str, users: int) -> list[int]:
+async def _prepare(dsn: str, users: int) -> tuple[list[int], Partner]:
+    """The schema, the partner the load signs as, and the empty phase's users, which
+    belong to that partner (its id is their scope), as accounts it opened would."""
     conn = await asyncpg.connect(dsn)
     try:
         await migrate(conn)
+        partner = await harness.partner(dsn)
         now = datetime.now(UTC)
         await partition_past(conn, since=now - timedelta(days=40), span_days=7)
         loaded = await load_history(
@@ -71,14 +75,17 @@ async def _prepare(dsn: str, users: int) -> list[int]:
             transfers=users,
             start=now - timedelta(days=40),
             end=now - timedelta(days=39),
+            scope=partner[0],
         )
         await conn.execute("CHECKPOINT")  # as after the big load, for a like-for-like start
-        return loaded.user_ids
+        return loaded.user_ids, partner
     finally:
         await conn.close()
 
 
-async def _grow(dsn: str, users: int, transfers: int, keys: int) -> tuple[list[int], float]:
+async def _grow(
+    dsn: str, users: int, transfers: int, keys: int, *, scope: str
+) -> tuple[list[int], float]:
     t0 = time.monotonic()
     conn = await asyncpg.connect(dsn)
     try:
@@ -89,17 +96,20 @@ async def _grow(dsn: str, users: int, transfers: int, keys: int) -> tuple[list[i
             transfers=max(transfers, users),
             start=now - timedelta(days=38),
             end=now - timedelta(hours=1),
+            scope=scope,
             progress=True,
         )
         for first in range(0, keys, KEYS_CHUNK):
-            # Keys of the last day, answered: what the write path probes on every request.
+            # Keys of the last day, answered: what the write path probes on every request
+            # (in the load's own scope, whose keys it probes).
             await conn.execute(
                 """INSERT INTO idempotency_keys (scope, key, fingerprint, result, created_at)
-                   SELECT 'public', 'grown-' || i, '\\x00'::bytea, '\\x00'::bytea,
+                   SELECT $3, 'grown-' || i, '\\x00'::bytea, '\\x00'::bytea,
                           now() - (i % 86000) * interval '1 second'
                    FROM generate_series($1::bigint, $2::bigint - 1) AS i""",
                 first,
                 min(first + KEYS_CHUNK, keys),
+                scope,
             )
             print(f"[growth] {min(first + KEYS_CHUNK, keys):,} of {keys:,} keys", flush=True)
         await conn.execute("VACUUM ANALYZE")
@@ -160,6 +170,7 @@ async def _load(
         duration_s=args.duration_s,
         warmup_s=args.warmup_s,
         connections=args.connections,
+        partner=server.partner,
     )
     print(format_table(result), file=sys.stderr, flush=True)
     return result
@@ -169,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     with harness.database() as pg:
         pgb = harness.pgbench(pg, args)
-        empty_users = harness.run_async(_prepare(pg.dsn, args.accounts))
-        with harness.serving(pg.dsn, workers=args.workers) as server:
+        empty_users, partner = harness.run_async(_prepare(pg.dsn, args.accounts))
+        with harness.serving(pg.dsn, workers=args.workers, partner=partner) as server:
             print("\n== empty", file=sys.stderr, flush=True)
             empty = harness.run_async(_load(args, server, empty_users))
             grown_users, load_s = harness.run_async(
-                _grow(pg.dsn, args.accounts, args.transfers, args.keys)
+                _grow(pg.dsn, args.accounts, args.transfers, args.keys, scope=partner[0])
             )
             # pgbench again, next to the full phase: the machine's speed drifts between
             # phases minutes apart, and each phase is also judged against its own pgbench.

@@ -21,8 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.accounts import Partner, create_partner
 from bench.pgbench import PgbenchResult
 from bench.run import (
+    SECRET_KEY,
     _free_port,
     _git_commit,
     _run_pgbench,
@@ -41,6 +43,7 @@ __all__ = [
     "database",
     "machine",
     "now_utc",
+    "partner",
     "pgbench",
     "rss_kib",
     "run_async",
@@ -77,6 +80,7 @@ def pgbench(pg: Any, args: argparse.Namespace) -> PgbenchResult | None:
 class Server:
     port: int
     process: subprocess.Popen[bytes]
+    partner: Partner  # every /v1 request is signed as this partner
 
     @property
     def base_url(self) -> str:
@@ -87,15 +91,26 @@ class Server:
 
 
 @contextlib.contextmanager
-def serving(dsn: str, *, workers: int, module: str = "gateway.cli") -> Iterator[Server]:
-    """`python -m MODULE serve` on a free port, ready when this yields; stopped after."""
+def serving(
+    dsn: str, *, workers: int, module: str = "gateway.cli", partner: Partner | None = None
+) -> Iterator[Server]:
+    """`python -m MODULE serve` on a free port, ready when this yields; stopped after.
+
+    The server seals partner secrets with bench.run's SECRET_KEY; `partner` (made with
+    `harness.partner(dsn)`) signs the requests, or a new one is made once it is ready."""
     port = _free_port()
     process = _start_server(module, dsn, port, workers)
     try:
         run_async(_wait_ready(f"http://127.0.0.1:{port}", process))
-        yield Server(port=port, process=process)
+        signer = partner or run_async(create_partner(dsn, secret_key=SECRET_KEY))
+        yield Server(port=port, process=process, partner=signer)
     finally:
         _stop_server(process)
+
+
+async def partner(dsn: str) -> Partner:
+    """A partner in `dsn` (migrated) that a server started by `serving` accepts."""
+    return await create_partner(dsn, secret_key=SECRET_KEY)
 
 
 def run_async(coro: Any) -> Any:

@@ -41,9 +41,14 @@ async def _measure(
     args: argparse.Namespace, server: harness.Server
 ) -> tuple[LoadResult, LoadResult]:
     accounts = await setup_accounts(
-        server.base_url, count=args.accounts, initial_minor=INITIAL_MINOR
+        server.base_url, count=args.accounts, initial_minor=INITIAL_MINOR, partner=server.partner
     )
-    common: dict[str, Any] = {"host": "127.0.0.1", "port": server.port, "accounts": accounts}
+    common: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": server.port,
+        "accounts": accounts,
+        "partner": server.partner,
+    }
     probe = await run_load(
         **common, duration_s=args.probe_s, warmup_s=args.warmup_s, connections=args.connections
     )

@@ -57,7 +57,7 @@ async def _soak(
     args: argparse.Namespace, server: harness.Server
 ) -> tuple[LoadResult, list[dict[int, int]]]:
     accounts = await setup_accounts(
-        server.base_url, count=args.accounts, initial_minor=INITIAL_MINOR
+        server.base_url, count=args.accounts, initial_minor=INITIAL_MINOR, partner=server.partner
     )
     samples: list[dict[int, int]] = []
     sampler = asyncio.create_task(_sample_rss(server, args, samples))
@@ -70,6 +70,7 @@ async def _soak(
             warmup_s=args.warmup_s,
             connections=args.connections,
             rate_per_s=args.rate_per_s,
+            partner=server.partner,
         )
     finally:
         sampler.cancel()

@@ -1,8 +1,8 @@
 """The one HTTP client of the fault suite.
 
 Every request the workload, the checker and the nemesis's probes send goes through
-`Client.request`, so that whatever every request must carry (partner request signatures,
-once they exist) is added in one place: `Client._headers`.
+`Client.request`, so that whatever every request must carry (the partner's request
+signature, Idempotency-Key included) is added in one place: `Client._headers`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import json
 from typing import Any, Final
 
 import aiohttp
+
+from gateway.signing import Signer
 
 # Problems that mean "not decided yet: send the same request again with the same key".
 RETRY_CODES: Final = frozenset(
@@ -55,10 +57,18 @@ class Answer:
 
 
 class Client:
-    """An aiohttp session against one base URL. Open with `async with Client(url)`."""
+    """An aiohttp session against one base URL. Open with `async with Client(url)`.
+    `partner` (id, HMAC secret) signs every request, as /v1 wants."""
 
-    def __init__(self, base_url: str, *, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        partner: tuple[str, str] | None = None,
+        timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
         self.base_url = base_url
+        self._signer = None if partner is None else Signer.hmac(*partner)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -73,13 +83,16 @@ class Client:
         self._session = None
 
     def _headers(self, method: str, path: str, body: bytes, key: str | None) -> dict[str, str]:
-        """The headers of one request. Partner request signing goes here: it sees the
-        method, path and exact body bytes of every request the suite sends."""
+        """The headers of one request, signed: the signature covers the method, path,
+        exact body bytes and the Idempotency-Key. A fresh nonce each time, so a retry
+        with the same key is a new signed request."""
         headers = {}
         if body:
             headers["Content-Type"] = "application/json"
         if key is not None:
             headers["Idempotency-Key"] = key
+        if self._signer is not None:
+            headers.update(self._signer.headers(method, path, body, idempotency_key=key or ""))
         return headers
 
     async def request(

@@ -22,9 +22,11 @@ from typing import Final
 
 import asyncpg
 
+from bench.accounts import Partner, create_partner
 from bench.faults.client import Client
 from bench.faults.proxy import SlowProxy
 from engine.database import EmbeddedPostgres, migrate
+from engine.partners import new_master_key
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 READY_PROBE_TIMEOUT_S: Final = 5.0
@@ -47,7 +49,10 @@ class Cluster:
         self.port = free_port()
         self.postgres = EmbeddedPostgres(data_dir=workdir / "pg")
         self.proxy: SlowProxy | None = None
-        self._server_env = server_env or {}
+        # The server seals partner secrets with this key; `partner` is made with it.
+        self._secret_key = new_master_key().decode()
+        self._server_env = {"TXENGINE_SECRET_KEY": self._secret_key, **(server_env or {})}
+        self.partner: Partner | None = None  # made by start(): clients sign as it
         self._server: subprocess.Popen[bytes] | None = None
         self._groups: set[int] = set()  # every server's process group, for the cleanup
         self.log_path = workdir / "server.log"
@@ -76,6 +81,7 @@ class Cluster:
             await migrate(conn)
         finally:
             await conn.close()
+        self.partner = await create_partner(self.direct_dsn, secret_key=self._secret_key)
         self.proxy = SlowProxy(target_host="127.0.0.1", target_port=self.postgres.port)
         await self.proxy.start()
         self.start_server()
@@ -89,6 +95,11 @@ class Cluster:
         if self.proxy is not None:
             await self.proxy.close()
         await asyncio.to_thread(self.postgres.stop, mode="immediate")
+
+    def client(self) -> Client:
+        """A client of the server signing as this cluster's partner (after start())."""
+        assert self.partner is not None, "start() first"
+        return Client(self.url, partner=self.partner)
 
     # -- the server ---------------------------------------------------------------------
 

@@ -140,7 +140,7 @@ async def run(config: RunConfig, *, log: Callable[[str], None] = print) -> Repor
     )
     try:
         await cluster.start()
-        async with Client(cluster.url) as client:
+        async with cluster.client() as client:
             assert await cluster.wait_ready(client, timeout_s=RECOVERY_TIMEOUT_S) is not None, (
                 f"the server never became ready; see {cluster.log_path}"
             )

@@ -19,7 +19,14 @@ import pytest
 from bench.faults.client import Client
 from bench.faults.workload import transfer_body
 from engine.database import EmbeddedPostgres
-from tests.system.support import REPO_ROOT, free_port
+from tests.system.support import (
+    REPO_ROOT,
+    SYSTEM_PARTNER,
+    SYSTEM_SECRET,
+    SYSTEM_SECRET_KEY,
+    ensure_partner,
+    free_port,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +55,7 @@ def start_serve(data_dir: Path, port: int, log_path: Path) -> subprocess.Popen[b
     """`txengine serve` with no TXENGINE_DATABASE_URL: it runs its embedded PostgreSQL."""
     env = {k: v for k, v in os.environ.items() if k != "TXENGINE_DATABASE_URL"}
     env |= {"TXENGINE_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    env["TXENGINE_SECRET_KEY"] = SYSTEM_SECRET_KEY  # seals the system-test partner's secret
     command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--workers", "2"]
     with log_path.open("wb") as log:
         # A session of its own, so that whatever is left of it can be killed as a group.
@@ -69,14 +77,23 @@ async def exit_code(server: subprocess.Popen[bytes]) -> int:
     return code
 
 
+def embedded_dsn(data_dir: Path) -> str:
+    """The DSN of the PostgreSQL `serve` runs on `data_dir`: its port is the fourth line
+    of postmaster.pid."""
+    port = int((data_dir / "pg" / "postmaster.pid").read_text().splitlines()[3])
+    return f"postgresql://postgres@127.0.0.1:{port}/txengine"
+
+
 async def test_serve_restarts_its_embedded_postgres(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     port = free_port()
     server = start_serve(data_dir, port, tmp_path / "server.log")
     postgres = EmbeddedPostgres(data_dir=data_dir / "pg")
     try:
-        async with Client(f"http://127.0.0.1:{port}") as client:
+        partner = (SYSTEM_PARTNER, SYSTEM_SECRET)
+        async with Client(f"http://127.0.0.1:{port}", partner=partner) as client:
             await wait_ready(client)
+            await ensure_partner(embedded_dsn(data_dir))
             kinds = [{"currency": "CNY", "kind": kind} for kind in ("system", "user")]
             bank = (await post(client, "/v1/accounts", kinds[0], "bank"))["id"]
             user = (await post(client, "/v1/accounts", kinds[1], "user"))["id"]
@@ -85,8 +102,13 @@ async def test_serve_restarts_its_embedded_postgres(tmp_path: Path) -> None:
             killed = postgres.pid
             assert killed is not None
             postgres.kill()
-            await wait_ready(client)  # no manual step: serve started it again
-            assert postgres.pid not in (None, killed)
+            # No manual step: serve starts it again. /readyz may still say 200 in the
+            # instant after the kill, so wait for the new postmaster first, then ready.
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while postgres.pid in (None, killed):
+                assert time.monotonic() < deadline, "serve did not start postgres again"
+                await asyncio.sleep(0.1)
+            await wait_ready(client)
 
             after = await post(client, "/v1/transfers", transfer_body(bank, user, 7, "b"), "b")
             read = await client.request("GET", f"/v1/accounts/{user}")
