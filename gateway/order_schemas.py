@@ -16,9 +16,18 @@ from engine.products.bills import (
     BillerType,
     pattern_error,
 )
-from engine.products.orders import TIMEOUT_DEFAULT
+from engine.products.orders import QR_CODE_PATTERN, TIMEOUT_DEFAULT
 from engine.products.payment_codes import CODE_LENGTH, PaymentCodeView
-from gateway.schemas import AmountMinor, Currency, IdText, NotifyUrl, OutNo, Subject, invalid
+from gateway.schemas import (
+    AmountMinor,
+    Currency,
+    IdText,
+    NotifyUrl,
+    OutNo,
+    Subject,
+    free_text,
+    invalid,
+)
 
 TimeoutExpress = Annotated[
     str,
@@ -40,7 +49,10 @@ class OrderCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class OrderPay(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    qr_code: Annotated[str, Meta(min_length=1, max_length=256, description="As scanned")]
+    qr_code: Annotated[
+        str,
+        Meta(pattern=QR_CODE_PATTERN, description="As scanned: the payload, or its bare code"),
+    ]
     payer_account_id: IdText
 
 
@@ -69,7 +81,7 @@ class PaymentCodeCharge(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
 
 class BillerCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     account_id: IdText
-    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    name: Annotated[str, free_text(max_length=128)]
     biller_type: BillerType
     reference_pattern: (
         Annotated[
@@ -88,7 +100,7 @@ class BillerCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class BillPay(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     biller_id: IdText
-    reference: Annotated[str, Meta(min_length=1, max_length=REFERENCE_LENGTH_MAX)]
+    reference: Annotated[str, free_text(max_length=REFERENCE_LENGTH_MAX)]
     payer_account_id: IdText
     amount_minor: AmountMinor
     currency: Currency

@@ -56,7 +56,16 @@ Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code
 OutNo = Annotated[
     str, Meta(pattern=OUT_NO_PATTERN, description="1 to 64 letters, digits or underscores")
 ]
-Subject = Annotated[str, Meta(min_length=1, max_length=SUBJECT_LENGTH_MAX)]
+# Free text that reaches a text column: PostgreSQL refuses the NUL character outright
+# (an error 500 if it got that far), so the schema refuses it first.
+NO_NUL_PATTERN: Final = r"^[^\x00]*$"
+
+
+def free_text(*, min_length: int = 1, max_length: int) -> Meta:
+    return Meta(pattern=NO_NUL_PATTERN, min_length=min_length, max_length=max_length)
+
+
+Subject = Annotated[str, free_text(max_length=SUBJECT_LENGTH_MAX)]
 NotifyUrl = Annotated[
     str,
     Meta(

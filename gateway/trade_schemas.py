@@ -32,6 +32,7 @@ from gateway.schemas import (
     NotifyUrl,
     OutNo,
     Subject,
+    free_text,
     invalid,
     parse_id,
 )
@@ -75,7 +76,7 @@ class TradeAction(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class TradeRefundCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     out_request_no: OutNo
     amount_minor: AmountMinor
-    reason: Annotated[str, Meta(max_length=REASON_LENGTH_MAX)] = ""
+    reason: Annotated[str, free_text(min_length=0, max_length=REASON_LENGTH_MAX)] = ""
 
 
 def _id(text: str, field: str) -> int:

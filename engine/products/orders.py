@@ -40,6 +40,9 @@ StepFn: TypeAlias = Callable[[Step], Awaitable[T]]
 OUT_TRADE_NO_RE: Final = re.compile(r"[A-Za-z0-9_]{1,64}")  # use with fullmatch
 QR_PAYLOAD_PREFIX: Final = "txengine://pay/"
 CODE_BYTES: Final = 16  # 128 random bits
+# What a scanned payload may be: the whole payload or the bare code, base64url of 16 bytes.
+QR_CODE_PATTERN: Final = r"^(txengine://pay/)?[A-Za-z0-9_-]{22}$"
+_QR_CODE_RE: Final = re.compile(QR_CODE_PATTERN)
 TIMEOUT_MIN: Final = timedelta(minutes=1)
 TIMEOUT_MAX: Final = timedelta(days=15)
 TIMEOUT_DEFAULT: Final = "2h"
@@ -361,6 +364,8 @@ def pay(*, qr_code: str, payer_account_id: int) -> StepFn[OrderView]:
     """The step of the payer's app paying the order its scanned QR code names."""
 
     async def run(step: Step) -> OrderView:
+        if not _QR_CODE_RE.fullmatch(qr_code):  # no code this engine issued looks like that
+            raise Refusal("order_not_found", "no order has this code")
         order = await _fetch(step, "code = $2", code_of(qr_code), lock=True)
         return await settle(step, order, payer_account_id=payer_account_id)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import struct
 import xml.etree.ElementTree as ET
 import zlib
@@ -270,7 +271,8 @@ async def test_illegal_order_steps_change_nothing(dsn: str) -> None:
         fresh = await till.precreate(out_trade_no="T_0003")
         dollars = {"qr_code": fresh["qr_code"], "payer_account_id": world.dollars}
         await till.refused(422, "currency_mismatch", *args, dollars)
-        await till.refused(404, "order_not_found", *args, dict(pay, qr_code="txengine://pay/x"))
+        unknown_code = "txengine://pay/" + "x" * 22
+        await till.refused(404, "order_not_found", *args, dict(pay, qr_code=unknown_code))
         await till.refused(
             409, "out_trade_no_taken", "POST", "/v1/orders", "/v1/orders",
             {"merchant_account_id": world.merchant, "out_trade_no": "T_0001", "subject": "x",
@@ -301,7 +303,8 @@ async def test_bad_requests_are_validation_problems(dsn: str) -> None:
         for change in ({"out_trade_no": "has-dash"}, {"out_trade_no": "x" * 65},
                        {"timeout_express": "16d"}, {"timeout_express": "0m"},
                        {"timeout_express": "1s"}, {"currency": "XXY"}, {"amount_minor": 0},
-                       {"notify_url": "ftp://x"}, {"unknown": 1}):  # fmt: skip
+                       {"notify_url": "ftp://x"}, {"unknown": 1},
+                       {"subject": "latte\x00"}):  # fmt: skip
             reply = await till.api.post("/v1/orders", dict(order, **change))
             assert_problem(reply, 400, "validation_error")
         biller = {"account_id": till.world.merchant, "name": "x", "biller_type": "utility"}
@@ -315,6 +318,11 @@ async def test_bad_requests_are_validation_problems(dsn: str) -> None:
                        "validation_error")  # fmt: skip
         missing_key = await till.api.post("/v1/orders", order, key=None)
         assert_problem(missing_key, 400, "idempotency_key_missing")
+        # Found by schemathesis: a NUL in a scanned code reached PostgreSQL (a 500).
+        for scanned in ("\ud899\udc47\x00", "txengine://pay/" + "A" * 21 + "\x00", "x" * 23):
+            body = {"qr_code": scanned, "payer_account_id": till.world.user}
+            reply = await till.api.post("/v1/orders/pay", raw=json.dumps(body).encode())
+            assert_problem(reply, 400, "validation_error")
 
 
 async def test_a_retried_payment_is_answered_once(dsn: str) -> None:
