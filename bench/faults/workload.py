@@ -6,9 +6,10 @@ it with the same key until the answer is definite or the run ends.
 
 Extension point: a new kind of work (escrow trades were the first) is one more operation
 in OPERATIONS with a weight. Give each of its requests an Op of its own kind through `send`,
-put the key in the metadata of whatever ledger row it creates (`{"op": key}`), and add a
-check for that kind to `checker.py`: the checks of transfers, holds and reads already
-cover the money it moves.
+make every ledger row it creates findable (the key in its metadata, `{"op": key}`, or,
+when a product makes the rows, the product's id, as trades carry `trade_id`), and add a
+check for that kind (`checker.py`, or a module of its own as `trade_checks.py`): the
+snapshot sums and the ledger-wide checks already cover the money it moves.
 """
 
 from __future__ import annotations
