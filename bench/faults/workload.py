@@ -123,6 +123,16 @@ async def transfer(workload: Workload, rng: random.Random, key: str) -> None:
     await send(workload, Op(key, "transfer", "POST", "/v1/transfers", body), rng)
 
 
+async def payout(workload: Workload, rng: random.Random, key: str) -> None:
+    """A merchant pays a user (a transfer like any other). Settled trades move money to
+    the merchants for good; without this the users' money would drain to them within
+    minutes and most transfers would be refused for want of money."""
+    debit, credit = rng.choice(workload.merchants), rng.choice(workload.users)
+    amount_minor = rng.randint(AMOUNT_MINOR_MIN, AMOUNT_MINOR_MAX)
+    body = transfer_body(debit, credit, amount_minor, key)
+    await send(workload, Op(key, "transfer", "POST", "/v1/transfers", body), rng)
+
+
 async def hold(workload: Workload, rng: random.Random, key: str) -> None:
     """A hold, then later posted (in full or in part), voided, or left to expire."""
     debit, credit = rng.sample(workload.users, 2)
@@ -249,6 +259,7 @@ OPERATIONS: Final[tuple[tuple[int, Operation], ...]] = (
     (60, transfer),
     (20, hold),
     (10, trade),
+    (10, payout),
     (20, read),
 )
 
