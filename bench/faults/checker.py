@@ -31,8 +31,11 @@ EXPECTED_REFUSALS: Final = {
     # Only one request ever resolves a given hold, so it can only find it expired.
     "post": {"pending_transfer_expired"},
     "void": {"pending_transfer_expired"},
-    # One client drives each trade, one legal step at a time: only paying can be refused.
+    # One client drives each trade, one legal step at a time: only money can be short,
+    # the buyer's to pay, or the seller's to pay a refund back after settlement (the
+    # merchants pay users out of what their trades settled, see workload.payout).
     "trade_pay": {"insufficient_funds"},
+    "trade_refund": {"insufficient_funds"},
 }
 CREATING_KINDS: Final = ("transfer", "hold")
 
