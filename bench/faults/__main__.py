@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration-s", type=float, default=600.0)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--accounts", type=int, default=8)
+    parser.add_argument(
+        "--merchants", type=int, default=2, help="sellers of escrow trades (at least 1)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="gateway processes (at least 2)")
     parser.add_argument("--funding-minor", type=int, default=100, help="per account")
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.duration_s,
         clients=args.clients,
         accounts=args.accounts,
+        merchants=args.merchants,
         seed=args.seed,
         workers=args.workers,
         funding_minor=args.funding_minor,

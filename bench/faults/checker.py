@@ -18,10 +18,11 @@ from typing import Any, Final
 
 import asyncpg
 
+from bench.faults import trade_checks
+from bench.faults.check import EXAMPLES_MAX, Check
 from bench.faults.history import History, Op, Outcome
 from bench.faults.nemesis import Nemesis
 
-EXAMPLES_MAX: Final = 5
 RECONCILE_TIMEOUT_S: Final = 120.0
 # Refusals the workload can earn by itself; any other is a bug of the server or harness.
 EXPECTED_REFUSALS: Final = {
@@ -30,23 +31,13 @@ EXPECTED_REFUSALS: Final = {
     # Only one request ever resolves a given hold, so it can only find it expired.
     "post": {"pending_transfer_expired"},
     "void": {"pending_transfer_expired"},
+    # One client drives each trade, one legal step at a time: only money can be short,
+    # the buyer's to pay, or the seller's to pay a refund back after settlement (the
+    # merchants pay users out of what their trades settled, see workload.payout).
+    "trade_pay": {"insufficient_funds"},
+    "trade_refund": {"insufficient_funds"},
 }
 CREATING_KINDS: Final = ("transfer", "hold")
-
-
-@dataclasses.dataclass
-class Check:
-    name: str
-    checked: int = 0
-    violations: int = 0
-    examples: list[str] = dataclasses.field(default_factory=list)
-
-    def case(self, ok: bool, example: str = "") -> None:
-        self.checked += 1
-        if not ok:
-            self.violations += 1
-            if len(self.examples) < EXAMPLES_MAX:
-                self.examples.append(example)
 
 
 @dataclasses.dataclass
@@ -62,7 +53,7 @@ async def read_ledger(conn: asyncpg.Connection) -> Ledger:
     rows = await conn.fetch(
         """SELECT id::text AS id, metadata->>'op' AS op, debit_account_id::text AS debit,
                   credit_account_id::text AS credit, amount_minor, posted_amount_minor,
-                  status, pending FROM transfers"""
+                  status, pending, metadata->>'trade_id' AS trade_id FROM transfers"""
     )
     by_op: dict[str, list[asyncpg.Record]] = collections.defaultdict(list)
     for row in rows:
@@ -80,7 +71,7 @@ async def read_ledger(conn: asyncpg.Connection) -> Ledger:
 
 def check_reads(history: History, *, total_minor: int) -> list[Check]:
     sums = Check("every snapshot of all balances sums to the starting total")
-    negative = Check("no user balance negative in any snapshot")
+    negative = Check("no user or merchant balance negative in any snapshot")
     for snapshot in history.snapshots:
         sums.case(snapshot.total_minor == total_minor, f"sum {snapshot.total_minor}")
         negative.case(snapshot.negative == 0, f"{snapshot.negative} negative")
@@ -123,6 +114,10 @@ def check_creations(history: History, ledger: Ledger, *, setup_ops: set[str]) ->
         else:
             unknown.case(len(rows) <= 1 and all(_matches(op, r) for r in rows), op.key)
     for key, rows in ledger.rows_by_op.items():
+        if key is None:  # a trade's transfers carry its id instead (trade_checks.py)
+            for row in rows:
+                stray.case(row["trade_id"] is not None, f"{dict(row)}")
+            continue
         stray.case(key in history.ops or key in setup_ops, f"{key}: {len(rows)} rows")
     return [acked, refused, unknown, stray]
 
@@ -163,11 +158,14 @@ def check_resolutions(history: History, ledger: Ledger) -> list[Check]:
 async def wait_for_holds(conn: asyncpg.Connection, *, timeout_s: float) -> int:
     """Wait until no hold is open (the sweeper expires the last ones); return how many
     are still open when timeout_s has passed. Before this, a hold past its timeout may
-    still read 'pending' although every request on it is already refused as expired."""
+    still read 'pending' although every request on it is already refused as expired.
+    A trade's hold has no timeout (the trade's days-long timers decide it): those of
+    trades left paid stay open, and trade_checks.py checks them against their trades."""
     deadline = time.monotonic() + timeout_s
     while True:
         open_holds: int = await conn.fetchval(
-            "SELECT count(*) FROM transfers WHERE status = 'pending'"
+            """SELECT count(*) FROM transfers
+               WHERE status = 'pending' AND metadata->>'trade_id' IS NULL"""
         )
         if open_holds == 0 or time.monotonic() > deadline:
             return open_holds
@@ -187,14 +185,17 @@ async def check_ledger(conn: asyncpg.Connection, *, open_holds: int) -> list[Che
     for row in rows:
         ok = row["posted"] == row["from_entries"] and row["pending"] == row["pending_from_entries"]
         entries.case(ok, str(dict(row)))
-    pending = Check("pending totals are back to zero once every hold is done")
+    pending = Check("pending totals are back to the open trade holds once every other hold is done")
     totals = await conn.fetchrow(
         """SELECT coalesce(sum(debits_pending), 0)::bigint AS debits,
-                  coalesce(sum(credits_pending), 0)::bigint AS credits FROM accounts"""
+                  coalesce(sum(credits_pending), 0)::bigint AS credits,
+                  (SELECT coalesce(sum(amount_minor), 0)::bigint FROM transfers
+                   WHERE status = 'pending' AND metadata->>'trade_id' IS NOT NULL) AS trades
+           FROM accounts"""
     )
     assert totals is not None
     pending.case(
-        open_holds == 0 and totals["debits"] == 0 and totals["credits"] == 0,
+        open_holds == 0 and totals["debits"] == totals["credits"] == totals["trades"],
         f"{open_holds} holds open, pending {dict(totals)}",
     )
     return [entries, pending]
@@ -254,6 +255,7 @@ async def check_all(
         ledger = await read_ledger(conn)
         checks += check_creations(history, ledger, setup_ops=setup_ops)
         checks += check_resolutions(history, ledger)
+        checks += await trade_checks.check_trades(conn, history, ledger)
         checks += await check_ledger(conn, open_holds=open_holds)
     finally:
         await conn.close()

@@ -1,8 +1,9 @@
 """The one HTTP client of the fault suite.
 
 Every request the workload, the checker and the nemesis's probes send goes through
-`Client.request`, so that whatever every request must carry (the partner's request
-signature, Idempotency-Key included) is added in one place: `Client._headers`.
+`Client.request`, so that whatever every request must carry is added in one place,
+`Client._headers`: there every request is signed as the run's partner
+(gateway/signing.py), its Idempotency-Key included, with a fresh nonce per attempt.
 """
 
 from __future__ import annotations
@@ -17,8 +18,22 @@ import aiohttp
 from gateway.signing import Signer
 
 # Problems that mean "not decided yet: send the same request again with the same key".
+# `rate_limited` is a partner's budget (the run's partner has one it never meets, but a
+# budget lease needs the database, so a fault can make it answer late). `replayed_nonce`
+# on a nonce used once is what a partner sees if the nonce's first claim committed but its
+# answer was lost to a fault (the gateway withholds the answer, not the effect): sending
+# the same request again with the same key and a new nonce is the reliable way on, and
+# the checker still proves the effect happened at most once.
 RETRY_CODES: Final = frozenset(
-    {"idempotency_key_in_flight", "overloaded", "unavailable", "conflict", "outcome_unknown"}
+    {
+        "idempotency_key_in_flight",
+        "overloaded",
+        "unavailable",
+        "conflict",
+        "outcome_unknown",
+        "rate_limited",
+        "replayed_nonce",
+    }
 )
 # Longer than anything the gateway waits for inside (statement timeout 5 s, connect
 # timeout 5 s, one batch retry), so a timeout here means a hung server, not a slow one.
@@ -57,18 +72,13 @@ class Answer:
 
 
 class Client:
-    """An aiohttp session against one base URL. Open with `async with Client(url)`.
-    `partner` (id, HMAC secret) signs every request, as /v1 wants."""
+    """An aiohttp session against one base URL. Open with `async with Client(url, signer=...)`."""
 
     def __init__(
-        self,
-        base_url: str,
-        *,
-        partner: tuple[str, str] | None = None,
-        timeout_s: float = REQUEST_TIMEOUT_S,
+        self, base_url: str, *, signer: Signer | None, timeout_s: float = REQUEST_TIMEOUT_S
     ) -> None:
         self.base_url = base_url
-        self._signer = None if partner is None else Signer.hmac(*partner)
+        self.signer = signer  # None: unsigned (only the open routes then answer)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -83,16 +93,17 @@ class Client:
         self._session = None
 
     def _headers(self, method: str, path: str, body: bytes, key: str | None) -> dict[str, str]:
-        """The headers of one request, signed: the signature covers the method, path,
-        exact body bytes and the Idempotency-Key. A fresh nonce each time, so a retry
-        with the same key is a new signed request."""
+        """The headers of one request, signed: the signature covers the method, the path,
+        the exact body bytes and the Idempotency-Key sent, and each call (each attempt)
+        takes a new nonce."""
         headers = {}
         if body:
             headers["Content-Type"] = "application/json"
         if key is not None:
             headers["Idempotency-Key"] = key
-        if self._signer is not None:
-            headers.update(self._signer.headers(method, path, body, idempotency_key=key or ""))
+        if self.signer is not None:
+            signed = self.signer.headers(method, path, body, idempotency_key=key or "")
+            headers.update(signed)
         return headers
 
     async def request(

@@ -5,6 +5,10 @@
 PostgreSQL is an EmbeddedPostgres the harness owns (not the one `serve` would start), so
 it can be killed and restarted on its data directory while the gateway keeps running;
 the gateway reaches it through the proxy, whose target follows PostgreSQL's port.
+
+Every /v1 request must be signed by a partner: `start` creates the run's partner in the
+database (its secret sealed with a master key of the cluster's, which the server gets as
+TXENGINE_SECRET_KEY) and `signer` signs as it.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from pathlib import Path
 from typing import Final
 
 import asyncpg
+from cryptography.fernet import Fernet
 
-from bench.accounts import Partner, create_partner
+from bench.accounts import create_partner
 from bench.faults.client import Client
 from bench.faults.proxy import SlowProxy
 from engine.database import EmbeddedPostgres, migrate
-from engine.partners import new_master_key
+from gateway.signing import Signer
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 READY_PROBE_TIMEOUT_S: Final = 5.0
@@ -49,10 +54,9 @@ class Cluster:
         self.port = free_port()
         self.postgres = EmbeddedPostgres(data_dir=workdir / "pg")
         self.proxy: SlowProxy | None = None
-        # The server seals partner secrets with this key; `partner` is made with it.
-        self._secret_key = new_master_key().decode()
-        self._server_env = {"TXENGINE_SECRET_KEY": self._secret_key, **(server_env or {})}
-        self.partner: Partner | None = None  # made by start(): clients sign as it
+        self._server_env = server_env or {}
+        self.secret_key = Fernet.generate_key().decode()  # the server's master key
+        self._partner: tuple[str, str] | None = None  # (id, HMAC secret), made by start
         self._server: subprocess.Popen[bytes] | None = None
         self._groups: set[int] = set()  # every server's process group, for the cleanup
         self.log_path = workdir / "server.log"
@@ -65,6 +69,12 @@ class Cluster:
     def direct_dsn(self) -> str:
         """PostgreSQL itself, past the proxy: for the checker and the snapshot reader."""
         return self.postgres.dsn
+
+    @property
+    def signer(self) -> Signer:
+        """Signs requests as the run's partner (created by `start`)."""
+        assert self._partner is not None, "start the cluster first"
+        return Signer.hmac(*self._partner)
 
     @property
     def proxy_dsn(self) -> str:
@@ -81,7 +91,7 @@ class Cluster:
             await migrate(conn)
         finally:
             await conn.close()
-        self.partner = await create_partner(self.direct_dsn, secret_key=self._secret_key)
+        self._partner = await create_partner(self.direct_dsn, secret_key=self.secret_key)
         self.proxy = SlowProxy(target_host="127.0.0.1", target_port=self.postgres.port)
         await self.proxy.start()
         self.start_server()
@@ -96,11 +106,6 @@ class Cluster:
             await self.proxy.close()
         await asyncio.to_thread(self.postgres.stop, mode="immediate")
 
-    def client(self) -> Client:
-        """A client of the server signing as this cluster's partner (after start())."""
-        assert self.partner is not None, "start() first"
-        return Client(self.url, partner=self.partner)
-
     # -- the server ---------------------------------------------------------------------
 
     def start_server(self) -> None:
@@ -112,6 +117,7 @@ class Cluster:
             "TXENGINE_DATABASE_URL": self.proxy_dsn,
             "TXENGINE_AUTO_MIGRATE": "0",
             "PYTHONUNBUFFERED": "1",
+            "TXENGINE_SECRET_KEY": self.secret_key,
             **self._server_env,
         }
         with self.log_path.open("ab") as log:

@@ -25,11 +25,12 @@ class Outcome(enum.StrEnum):
 @dataclasses.dataclass(slots=True)
 class Op:
     key: str  # the Idempotency-Key, also stored in the transfer's metadata as "op"
-    kind: str  # "transfer", "hold", "post", "void" (an extension adds its own kinds)
+    kind: str  # "transfer", "hold", "post", "void", "trade", "trade_pay", ... (workload.py)
     method: str
     path: str
     body: dict[str, Any]
     hold_key: str | None = None  # post and void: the key of the hold they resolve
+    trade_key: str | None = None  # a step of a trade: the key that created the trade
     outcome: Outcome = Outcome.PENDING
     status: int = 0
     code: str | None = None  # the problem code of a refusal

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.faults import checker
+from bench.faults.check import Check
 from bench.faults.client import Client
 from bench.faults.cluster import Cluster
 from bench.faults.history import History, Outcome
@@ -41,6 +42,7 @@ class RunConfig:
     duration_s: float = 600.0
     clients: int = 64
     accounts: int = 8
+    merchants: int = 2  # the sellers of escrow trades (unfunded: trades pay them)
     seed: int = 1
     workers: int = 2
     funding_minor: int = 100  # per user account: little, so some transfers are refused
@@ -53,7 +55,7 @@ class RunConfig:
 @dataclasses.dataclass
 class Report:
     config: RunConfig
-    checks: list[checker.Check]
+    checks: list[Check]
     operations: dict[str, dict[str, int]]
     faults: dict[str, int]
     fault_log: list[str]
@@ -69,6 +71,18 @@ class Report:
     def acknowledged_transfers(self) -> int:
         return self.operations.get("transfer", {}).get(Outcome.OK, 0)
 
+    @property
+    def acknowledged_trades(self) -> int:
+        return self.operations.get("trade", {}).get(Outcome.OK, 0)
+
+    @property
+    def acknowledged_trade_steps(self) -> int:
+        return sum(
+            counts.get(Outcome.OK, 0)
+            for kind, counts in self.operations.items()
+            if kind.startswith("trade")
+        )
+
     def render(self) -> str:
         lines = ["operations (kind: outcome counts):"]
         for kind, counts in self.operations.items():
@@ -81,16 +95,17 @@ class Report:
         lines.append(checker.render(self.checks))
         lines.append(
             f"{self.violations} violations"
-            f" ({self.acknowledged_transfers} transfers acknowledged, {self.elapsed_s:.0f} s)"
+            f" ({self.acknowledged_transfers} transfers and {self.acknowledged_trades} trades"
+            f" acknowledged, {self.elapsed_s:.0f} s)"
         )
         return "\n".join(lines)
 
 
 async def setup_accounts(
-    client: Client, *, run_id: str, users: int, funding_minor: int
-) -> tuple[list[str], set[str]]:
-    """A system account and `users` user accounts, each funded; their ids and the keys
-    of the funding transfers."""
+    client: Client, *, run_id: str, users: int, merchants: int, funding_minor: int
+) -> tuple[list[str], list[str], set[str]]:
+    """A system account, `users` user accounts, each funded, and `merchants` merchant
+    accounts (empty); the users' ids, the merchants' and the keys of the fundings."""
     deadline = time.monotonic() + SETUP_RETRY_S_MAX
 
     async def post(path: str, body: dict[str, Any], key: str) -> Any:
@@ -117,7 +132,11 @@ async def setup_accounts(
             await post("/v1/transfers", transfer_body(system, ids[i], funding_minor, key), key)
 
     await asyncio.gather(*(worker() for _ in range(SETUP_CONCURRENCY)))
-    return ids, funding_keys
+    merchant_ids = [
+        (await post("/v1/accounts", {"currency": CURRENCY, "kind": "merchant"}, key))["id"]
+        for key in (f"{run_id}-merchant-{i}" for i in range(merchants))
+    ]
+    return ids, merchant_ids, funding_keys
 
 
 async def _drain(tasks: list[asyncio.Task[None]]) -> None:
@@ -140,7 +159,7 @@ async def run(config: RunConfig, *, log: Callable[[str], None] = print) -> Repor
     )
     try:
         await cluster.start()
-        async with cluster.client() as client:
+        async with Client(cluster.url, signer=cluster.signer) as client:
             assert await cluster.wait_ready(client, timeout_s=RECOVERY_TIMEOUT_S) is not None, (
                 f"the server never became ready; see {cluster.log_path}"
             )
@@ -160,8 +179,12 @@ async def _run_started(
     started: float,
 ) -> Report:
     run_id = f"s{config.seed}"
-    users, funding_keys = await setup_accounts(
-        client, run_id=run_id, users=config.accounts, funding_minor=config.funding_minor
+    users, merchants, funding_keys = await setup_accounts(
+        client,
+        run_id=run_id,
+        users=config.accounts,
+        merchants=config.merchants,
+        funding_minor=config.funding_minor,
     )
     total_minor = config.funding_minor * config.accounts
     log(f"{len(users)} accounts funded with {total_minor} in all; load and faults start")
@@ -172,6 +195,7 @@ async def _run_started(
         client=client,
         history=history,
         users=users,
+        merchants=merchants,
         deadline=float("inf"),  # until the run ends
         stop=stop,
         hold_timeout_s=config.hold_timeout_s,

@@ -1,14 +1,15 @@
-"""What the clients do: transfers, holds and reads, each through `Client`.
+"""What the clients do: transfers, holds, escrow trades and reads, each through `Client`.
 
 An operation is an async function `(workload, rng, key) -> None` that records every
 state-changing request in the history *before* sending it (`send` does that) and retries
 it with the same key until the answer is definite or the run ends.
 
-Extension point: a new kind of work (escrow trades, issue 3) is one more operation in
-OPERATIONS with a weight. Give each of its requests an Op of its own kind through `send`,
-put the key in the metadata of whatever ledger row it creates (`{"op": key}`), and add a
-check for that kind to `checker.py`: the checks of transfers, holds and reads already
-cover the money it moves.
+Extension point: a new kind of work (escrow trades were the first) is one more operation
+in OPERATIONS with a weight. Give each of its requests an Op of its own kind through `send`,
+make every ledger row it creates findable (the key in its metadata, `{"op": key}`, or,
+when a product makes the rows, the product's id, as trades carry `trade_id`), and add a
+check for that kind (`checker.py`, or a module of its own as `trade_checks.py`): the
+snapshot sums and the ledger-wide checks already cover the money it moves.
 """
 
 from __future__ import annotations
@@ -35,13 +36,25 @@ SNAPSHOT_INTERVAL_S: Final = 0.25
 SNAPSHOT_TIMEOUT_S: Final = 5.0
 SERVER_ERROR_SAMPLE_CHARS_MAX: Final = 300
 
-# Every user balance, summed in one statement: one snapshot, so it must show the total
-# the run started with, whatever moves between the accounts meanwhile.
+# Every user and merchant balance, summed in one statement: one snapshot, so it must
+# show the total the run started with, whatever moves between the accounts meanwhile.
+# Merchants are in it because trades settle to them; money held for a trade is still
+# the buyer's posted balance until the trade is confirmed.
 SNAPSHOT_SQL: Final = """
 SELECT coalesce(sum(credits_posted - debits_posted), 0)::bigint AS total,
        count(*) FILTER (WHERE credits_posted - debits_posted < 0
                            OR credits_posted - debits_posted - debits_pending < 0) AS negative
-FROM accounts WHERE kind = 'user'"""
+FROM accounts WHERE kind IN ('user', 'merchant')"""
+
+# What becomes of a trade once created, as (weight, fate); see `trade`.
+TRADE_FATES: Final = (
+    (15, "close"),  # the seller closes it unpaid: nothing moves
+    (10, "paid"),  # paid, then left: the buyer's money stays held
+    (15, "refund_paid"),  # paid, refunded in part or in full before shipping
+    (10, "shipped"),  # paid and shipped, then left: still held
+    (35, "confirmed"),  # paid, shipped, confirmed: settled to the seller
+    (15, "refund_settled"),  # confirmed, then refunded in part or in full by the seller
+)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -49,6 +62,7 @@ class Workload:
     client: Client
     history: History
     users: list[str]
+    merchants: list[str]  # the sellers of trades
     deadline: float  # monotonic: past it, a client stops retrying (the op is unknown)
     stop: asyncio.Event
     hold_timeout_s: tuple[int, int]
@@ -104,6 +118,16 @@ def transfer_body(debit: str, credit: str, amount_minor: int, key: str) -> dict[
 
 async def transfer(workload: Workload, rng: random.Random, key: str) -> None:
     debit, credit = rng.sample(workload.users, 2)
+    amount_minor = rng.randint(AMOUNT_MINOR_MIN, AMOUNT_MINOR_MAX)
+    body = transfer_body(debit, credit, amount_minor, key)
+    await send(workload, Op(key, "transfer", "POST", "/v1/transfers", body), rng)
+
+
+async def payout(workload: Workload, rng: random.Random, key: str) -> None:
+    """A merchant pays a user (a transfer like any other). Settled trades move money to
+    the merchants for good; without this the users' money would drain to them within
+    minutes and most transfers would be refused for want of money."""
+    debit, credit = rng.choice(workload.merchants), rng.choice(workload.users)
     amount_minor = rng.randint(AMOUNT_MINOR_MIN, AMOUNT_MINOR_MAX)
     body = transfer_body(debit, credit, amount_minor, key)
     await send(workload, Op(key, "transfer", "POST", "/v1/transfers", body), rng)
@@ -170,12 +194,72 @@ async def read(workload: Workload, rng: random.Random, key: str) -> None:
     )
 
 
+def out_no(key: str) -> str:
+    """A key as a seller's number (letters, digits, underscores)."""
+    return key.replace("-", "_")
+
+
+async def trade(workload: Workload, rng: random.Random, key: str) -> None:
+    """An escrow trade from a merchant to a user, driven by this client through its life
+    (README "Escrow trades"): every step is an Op of its own kind with its own key, sent
+    until definite like any other. One client drives a trade, one step at a time, so
+    every step is legal when sent and a refusal can only be for want of money."""
+    (fate,) = rng.choices([f for _, f in TRADE_FATES], [w for w, _ in TRADE_FATES])
+    body = {
+        "out_trade_no": out_no(key),
+        "seller_account_id": rng.choice(workload.merchants),
+        "buyer_account_id": rng.choice(workload.users),
+        "amount_minor": rng.randint(AMOUNT_MINOR_MIN, AMOUNT_MINOR_MAX),
+        "currency": CURRENCY,
+        "subject": f"fault suite {key}",
+    }
+    created = await send(workload, Op(key, "trade", "POST", "/v1/trades", body), rng)
+    if created.outcome is not Outcome.OK:
+        return
+    trade_id = created.result["id"]
+    steps = {
+        "close": ("close",),
+        "paid": ("pay",),
+        "refund_paid": ("pay", "refund"),
+        "shipped": ("pay", "ship"),
+        "confirmed": ("pay", "ship", "confirm"),
+        "refund_settled": ("pay", "ship", "confirm", "refund"),
+    }[fate]
+    state = created.result
+    for action in steps:
+        if workload.stop.is_set():
+            return  # after the run's end nothing new starts
+        op = trade_step(key, trade_id, action, state, rng)
+        await send(workload, op, rng)
+        if op.outcome is not Outcome.OK:
+            return  # refused (the buyer had too little to pay) or never answered
+        state = op.result["trade"] if action == "refund" else op.result
+
+
+def trade_step(
+    key: str, trade_id: str, action: str, state: dict[str, Any], rng: random.Random
+) -> Op:
+    path = f"/v1/trades/{trade_id}/{action}"
+    body: dict[str, Any] = {}
+    if action == "refund":
+        refundable = state["refundable_minor"]
+        full = refundable == 1 or rng.random() < 0.5
+        amount_minor = refundable if full else rng.randint(1, refundable - 1)
+        body = {"out_request_no": out_no(f"{key}-r"), "amount_minor": amount_minor}
+        path = f"/v1/trades/{trade_id}/refunds"
+    op = Op(f"{key}-{action}", f"trade_{action}", "POST", path, body)
+    op.trade_key = key
+    return op
+
+
 Operation = Callable[[Workload, random.Random, str], Awaitable[None]]
 
 # (weight, operation): what a client picks for its next step.
 OPERATIONS: Final[tuple[tuple[int, Operation], ...]] = (
     (60, transfer),
     (20, hold),
+    (10, trade),
+    (10, payout),
     (20, read),
 )
 
@@ -200,7 +284,15 @@ async def take_snapshots(dsn: str, history: History, stop: asyncio.Event) -> Non
             row = await conn.fetchrow(SNAPSHOT_SQL, timeout=SNAPSHOT_TIMEOUT_S)
             assert row is not None
             history.snapshots.append(Snapshot(total_minor=row["total"], negative=row["negative"]))
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        # InternalClientError: a statement timed out mid-protocol (PostgreSQL stalled or
+        # killed) and the connection is unusable; a new one is opened on the next round.
+        except (
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+        ):
             history.snapshot_failures += 1  # the database is down: nothing to read
             if conn is not None:
                 conn.terminate()

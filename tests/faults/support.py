@@ -34,7 +34,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
 
 @pytest.fixture
 async def client(cluster: Cluster) -> AsyncIterator[Client]:
-    async with cluster.client() as opened:
+    async with Client(cluster.url, signer=cluster.signer) as opened:
         assert await cluster.wait_ready(opened, timeout_s=READY_TIMEOUT_S) is not None
         yield opened
 

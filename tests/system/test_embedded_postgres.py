@@ -19,6 +19,7 @@ import pytest
 from bench.faults.client import Client
 from bench.faults.workload import transfer_body
 from engine.database import EmbeddedPostgres
+from gateway.signing import Signer
 from tests.system.support import (
     REPO_ROOT,
     SYSTEM_PARTNER,
@@ -90,8 +91,8 @@ async def test_serve_restarts_its_embedded_postgres(tmp_path: Path) -> None:
     server = start_serve(data_dir, port, tmp_path / "server.log")
     postgres = EmbeddedPostgres(data_dir=data_dir / "pg")
     try:
-        partner = (SYSTEM_PARTNER, SYSTEM_SECRET)
-        async with Client(f"http://127.0.0.1:{port}", partner=partner) as client:
+        signer = Signer.hmac(SYSTEM_PARTNER, SYSTEM_SECRET)
+        async with Client(f"http://127.0.0.1:{port}", signer=signer) as client:
             await wait_ready(client)
             await ensure_partner(embedded_dsn(data_dir))
             kinds = [{"currency": "CNY", "kind": kind} for kind in ("system", "user")]
