@@ -290,7 +290,7 @@ async def test_another_partners_ids_in_bodies_and_queries_are_not_found(api: Api
     for path, body, foreign in cases:
         await _same_as_unknown(other, path, body, **foreign)
     # A's order's QR code, paid by B, is an order B does not have.
-    for qr_code in (order["qr_code"], "txengine://pay/x"):
+    for qr_code in (order["qr_code"], "txengine://pay/" + "x" * 22):
         paid = await other.post("/v1/orders/pay", {"qr_code": qr_code, "payer_account_id": b.user})
         assert_problem(paid, 404, "order_not_found")
 
