@@ -49,6 +49,23 @@ def _with_descendants(roots: Iterable[int], stats: Mapping[int, tuple[int, float
     return members
 
 
+def child_pids(pid: int) -> set[int]:
+    """The live processes whose parent is `pid` (a supervisor's workers); one place
+    for every bench and test that looks for them."""
+    children = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            children.add(int(entry.name))
+    return children
+
+
 class CpuMeter:
     """CPU seconds per group between start() and stop(); a group is its root pids and
     all their descendants (PostgreSQL's backends are children of the postmaster)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.accounts import Partner, create_partner
+from bench.cpu import child_pids
 from bench.pgbench import PgbenchResult
 from bench.run import (
     SECRET_KEY,
@@ -120,12 +121,7 @@ def run_async(coro: Any) -> Any:
 
 def children(pid: int) -> list[int]:
     """Direct children of `pid` (the gateway's workers, under its supervisor)."""
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(c) for c in f.read().split()]
-    return sorted(set(found))
+    return sorted(child_pids(pid))
 
 
 def rss_kib(pid: int) -> int | None:

@@ -100,6 +100,31 @@ def is_transfer(
     return check
 
 
+def _judge(response: Any, *, status: int, check: Check | None) -> tuple[dict[str, Any], str | None]:
+    """Pass or fail a request by its status and `check` of its body: its body, and why
+    it failed (None if it passed). Called inside the catch_response block."""
+    doc = _json(response)
+    problem = None
+    if response.status_code != status:
+        problem = f"{response.status_code}, wanted {status}: {response.text[:300]}"
+    elif check is not None:
+        problem = check(doc)
+    if problem is None:
+        response.success()
+    else:
+        response.failure(problem)
+    return doc, problem
+
+
+def _passed(judged: tuple[dict[str, Any], str | None]) -> dict[str, Any]:
+    """The body of a passed request; after a failure (recorded by `_judge`), the steps
+    that depend on this answer are skipped."""
+    doc, problem = judged
+    if problem is not None:
+        raise RescheduleTask(problem)
+    return doc
+
+
 class _Shared:
     """Per-process accounts every user of the process may use: the bank, the merchant."""
 
@@ -130,37 +155,14 @@ class LedgerUser(FastHttpUser):
         with self.client.post(
             path, data=data, headers=headers, name=name or path, catch_response=True
         ) as response:
-            doc = _json(response)
-            problem = None
-            if response.status_code != status:
-                problem = f"{response.status_code}, wanted {status}: {response.text[:300]}"
-            elif check is not None:
-                problem = check(doc)
-            if problem is None:
-                response.success()
-            else:
-                response.failure(problem)
-        if problem is not None:
-            # Recorded as a failure above; the steps that depend on this answer are skipped.
-            raise RescheduleTask(problem)
-        return doc
+            judged = _judge(response, status=status, check=check)
+        return _passed(judged)
 
     def get(self, path: str, *, name: str, check: Check | None = None) -> dict[str, Any]:
         headers = signed_headers("GET", path, b"")
         with self.client.get(path, headers=headers, name=name, catch_response=True) as response:
-            doc = _json(response)
-            problem = None
-            if response.status_code != 200:
-                problem = f"{response.status_code}: {response.text[:300]}"
-            elif check is not None:
-                problem = check(doc)
-            if problem is None:
-                response.success()
-            else:
-                response.failure(problem)
-        if problem is not None:
-            raise RescheduleTask(problem)
-        return doc
+            judged = _judge(response, status=200, check=check)
+        return _passed(judged)
 
     def open_account(self, kind: str) -> str:
         doc = self.post(

@@ -28,6 +28,7 @@ import asyncpg
 from cryptography.fernet import Fernet
 
 from bench.accounts import create_partner
+from bench.cpu import child_pids
 from bench.faults.client import Client
 from bench.faults.proxy import SlowProxy
 from engine.database import EmbeddedPostgres, migrate
@@ -207,19 +208,3 @@ class Cluster:
                 return time.monotonic() - started
             await asyncio.sleep(0.1)
         return None
-
-
-def child_pids(pid: int) -> set[int]:
-    """The live processes whose parent is `pid` (a supervisor's workers)."""
-    children = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            children.add(int(entry.name))
-    return children

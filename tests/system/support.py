@@ -203,22 +203,6 @@ def parent_pid(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
-def child_pids(pid: int) -> set[int]:
-    """The live processes whose parent is `pid` (a supervisor's workers)."""
-    children = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            children.add(int(entry.name))
-    return children
-
-
 # -- HTTP -------------------------------------------------------------------------------
 
 # Problems that mean "not decided yet: send the same request again with the same key".

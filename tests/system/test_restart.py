@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bench.cpu import child_pids
 from tests.system.support import (
     CONNECTION_ERRORS,
     Answer,
@@ -29,7 +30,6 @@ from tests.system.support import (
     ServerProcess,
     StartServer,
     check_transfers_exist,
-    child_pids,
     expected_balances,
     healthz_pids,
     open_ledger,
